@@ -1,0 +1,601 @@
+"""Tests for data.py: DICOM/PNG/JPEG loading (pydicom's own test files included), CLAHE (Eq. 1),
+letterbox and box mapping, VinDr-SpineXR CSVs, study-grouped folds, the cache, the Datasets and
+the synthetic VinDr-format set. Trusted references: pydicom's LUT functions, cv2, scikit-learn."""
+
+import csv
+import hashlib
+import io
+import runpy
+import struct
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import data as D
+
+# --- helpers
+
+
+def phantom(h: int = 96, w: int = 80, seed: int = 0) -> np.ndarray:
+    """(h, w) uint16 12-bit: dark gradient background, a bright "bone" block, mild noise."""
+    rng = np.random.default_rng(seed)
+    img = 600 + 800 * np.linspace(0, 1, w)[None, :] + np.zeros((h, 1))
+    img[h // 4: 3 * h // 4, w // 3: 2 * w // 3] += 2000
+    return np.clip(img + rng.normal(0, 20, (h, w)), 0, 4095).astype(np.uint16)
+
+
+def bone_brighter(img: np.ndarray) -> bool:
+    h, w = img.shape
+    return img[h // 4: 3 * h // 4, w // 3: 2 * w // 3].mean() > img[:, : w // 4].mean() + 0.2
+
+
+def one_line_data_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(D.DataError) as info:
+        fn(*args, **kwargs)
+    assert type(info.value) is D.DataError and "\n" not in str(info.value)
+    return str(info.value)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+# --- sniffing and metadata
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"\0" * 128 + b"DICM" + b"\0" * 8, "dicom"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "png"),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 8, "jpeg"), (b"\x08\x00\x05\x00CS\x0a\x00", "dicom"),
+    (b"GIF89a" + b"\0" * 8, None), (b"", None)])
+def test_sniff_format(head, expected):
+    assert D.sniff_format(head) == expected
+
+
+def test_image_meta_has_no_patient_fields():
+    fields = set(D.ImageMeta.__dataclass_fields__)
+    assert fields == {"height", "width", "source", "photometric", "pixel_spacing", "bits_stored", "frames"}
+
+
+# --- DICOM round trips
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_monochrome1_displays_like_monochrome2(tmp_path, compress):
+    stored, window = phantom(), (2000.0, 3000.0)
+    m2, _ = D.load_image(D.write_dicom(tmp_path / "m2.dcm", stored, compress=compress, window=window))
+    m1, meta = D.load_image(D.write_dicom(tmp_path / "m1.dcm", 4095 - stored, photometric="MONOCHROME1",
+                                          compress=compress, window=(4095 - window[0], window[1])))
+    assert meta.photometric == "MONOCHROME1" and m1.dtype == np.float32
+    assert bone_brighter(m1) and bone_brighter(m2)
+    assert np.abs(m1 - m2).max() <= 1.5 / (window[1] - 1)  # pydicom's LINEAR window is off by half a step
+
+
+@pytest.mark.parametrize("center, width", [(2000.0, 1000.0), (1500.0, 4000.0), (3000.0, 200.0)])
+def test_voi_window_applied(tmp_path, center, width):
+    stored = phantom()
+    img, _ = D.load_image(D.write_dicom(tmp_path / "w.dcm", stored, window=(center, width)))
+    x = stored.astype(np.float64)  # DICOM PS3.3 C.11.2.1.2.1 (LINEAR), output range -> [0, 1]
+    expected = np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(img, expected, atol=1e-5)
+
+
+def test_first_of_several_windows_and_rescale(tmp_path):
+    stored = phantom()
+    path = D.write_dicom(tmp_path / "w.dcm", stored, rescale=(2.0, -1000.0))
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = [3000.0, 100.0], [4000.0, 50.0]  # in rescaled units
+    ds.save_as(path)
+    img, _ = D.load_image(path)
+    x = stored * 2.0 - 1000.0
+    np.testing.assert_allclose(img, np.clip((x - 2999.5) / 3999 + 0.5, 0, 1), atol=1e-5)
+
+
+def test_voi_lut_sequence(tmp_path):
+    stored = phantom()
+    path = D.write_dicom(tmp_path / "lut.dcm", stored, window=(100.0, 10.0))  # LUT wins over the window
+    ds = pydicom.dcmread(path)
+    lut = np.round(np.sqrt(np.arange(4096) / 4095) * 1000).astype(np.uint16) + 50
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    ds.VOILUTSequence = [item]
+    ds.save_as(path)
+    img, _ = D.load_image(path)
+    np.testing.assert_allclose(img, (lut[stored] - 50) / 1000.0, atol=1e-6)
+
+
+def test_no_window_stretches_and_saturating_window_falls_back(tmp_path):
+    stored = phantom()
+    expected = (stored - stored.min()) / float(stored.max() - stored.min())
+    plain, _ = D.load_image(D.write_dicom(tmp_path / "plain.dcm", stored))
+    np.testing.assert_allclose(plain, expected, atol=1e-6)
+    with pytest.warns(UserWarning, match="saturates"):
+        sat, _ = D.load_image(D.write_dicom(tmp_path / "sat.dcm", stored, window=(40000.0, 10.0)))
+    np.testing.assert_allclose(sat, expected, atol=1e-6)
+
+
+def test_jpeg2000_equals_uncompressed(tmp_path):
+    stored, window = phantom(128, 100, seed=3), (2000.0, 3500.0)
+    raw, _ = D.load_image(D.write_dicom(tmp_path / "raw.dcm", stored, window=window))
+    j2k, meta = D.load_image(D.write_dicom(tmp_path / "j2k.dcm", stored, window=window, compress=True,
+                                           pixel_spacing=(0.14, 0.15)))
+    assert pydicom.dcmread(tmp_path / "j2k.dcm").file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    np.testing.assert_array_equal(raw, j2k)
+    assert meta == D.ImageMeta(128, 100, "dicom", "MONOCHROME2", (0.14, 0.15), 12, 1)
+
+
+def test_dicom_without_preamble_and_from_bytes(tmp_path):
+    stored = phantom()
+    path = D.write_dicom(tmp_path / "a.dcm", stored, window=(2000.0, 3000.0))
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare"  # no extension, no preamble, no file meta
+    pydicom.dcmwrite(bare, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(D.load_image(bare)[0], D.load_image(path)[0])
+    np.testing.assert_array_equal(D.load_image(path.read_bytes())[0], D.load_image(path)[0])
+
+
+def test_multiframe_takes_first_frame_with_warning(tmp_path):
+    frames = np.stack([phantom(seed=k) for k in range(3)])
+    path = D.write_dicom(tmp_path / "mf.dcm", frames)
+    with pytest.warns(UserWarning, match="first frame"):
+        img, meta = D.load_image(path)
+    assert meta.frames == 3
+    np.testing.assert_allclose(img, D.load_image(D.write_dicom(tmp_path / "f0.dcm", frames[0]))[0], atol=1e-6)
+
+
+def test_volume_is_refused(tmp_path):
+    path = D.write_dicom(tmp_path / "ct.dcm", np.stack([phantom(seed=k) for k in range(4)]), modality="CT")
+    assert "volume" in one_line_data_error(D.load_image, path)
+
+
+def test_rgb_dicom_is_gray(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 72, 3), dtype=np.uint8)
+    img, meta = D.load_image(D.write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB", bits_stored=8))
+    gray = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert img.shape == (64, 72) and meta.photometric == "RGB"
+    np.testing.assert_allclose(img, (gray - gray.min()) / (gray.max() - gray.min()), atol=1e-5)
+
+
+PYDICOM_FILES = sorted(p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*") if p.is_file())
+
+
+def test_pydicom_ships_test_files():
+    assert len(PYDICOM_FILES) > 150  # local files only: never triggers pydicom's downloads
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # odd files on purpose: pydicom and we warn about them
+@pytest.mark.parametrize("path", PYDICOM_FILES, ids=lambda p: p.name)
+def test_every_pydicom_test_file_loads_or_raises_data_error(path):
+    try:
+        img, meta = D.load_image(path)
+    except D.DataError as err:
+        assert "\n" not in str(err)
+        return
+    assert img.ndim == 2 and img.dtype == np.float32 and min(img.shape) >= 32
+    assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1 and img.max() > img.min()
+    assert meta.source == "dicom" and (meta.height, meta.width) == img.shape
+
+
+# --- PNG / JPEG
+
+
+@pytest.mark.parametrize("kind", ["png8", "png16", "png8_rgb", "png16_rgb", "jpeg", "jpeg_rgb"])
+def test_raster_formats(kind, tmp_path):
+    rng = np.random.default_rng(1)
+    base = cv2.GaussianBlur(rng.random((70, 90)).astype(np.float32), (0, 0), 3)
+    base = (base - base.min()) / (base.max() - base.min())
+    depth = 65535 if "16" in kind else 255
+    arr = np.rint(base * depth).astype(np.uint16 if depth > 255 else np.uint8)
+    if "rgb" in kind:
+        arr = np.stack([arr, arr // 2, arr], -1)  # BGR for cv2
+    ext = ".png" if kind.startswith("png") else ".jpg"
+    path = tmp_path / f"img{ext}"
+    cv2.imwrite(str(path), arr)
+    img, meta = D.load_image(path)
+    assert img.shape == (70, 90) and img.dtype == np.float32 and img.min() == 0 and img.max() == 1
+    assert meta.source == ("png" if ext == ".png" else "jpeg") and meta.photometric == ("RGB" if "rgb" in kind else "MONOCHROME2")
+    gray = cv2.cvtColor(arr, cv2.COLOR_BGR2GRAY) if arr.ndim == 3 else arr
+    expected = (gray - gray.min()) / float(gray.max() - gray.min())
+    if ext == ".png":
+        np.testing.assert_allclose(img, expected, atol=1e-6)
+    else:
+        assert np.corrcoef(img.ravel(), expected.ravel())[0, 1] > 0.99  # lossy
+    np.testing.assert_array_equal(D.load_image(path.read_bytes())[0], img)
+
+
+def _png_with_size(w: int, h: int) -> bytes:
+    """A valid small PNG whose IHDR claims w x h (CRC fixed): a decompression bomb header."""
+    data = bytearray(png_bytes(np.zeros((40, 40), np.uint8)))
+    data[16:24] = struct.pack(">II", w, h)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    good_png = png_bytes(np.tile(np.arange(64, dtype=np.uint8), (64, 1)))
+    ok, jpg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    dicom = D.write_dicom(tmp_path / "good.dcm", phantom()).read_bytes()
+    big_header = pydicom.dcmread(io.BytesIO(dicom))
+    big_header.Rows = big_header.Columns = 60000  # bomb: the header is checked before decoding
+    bio = io.BytesIO()
+    big_header.save_as(bio)
+    no_pixels = pydicom.dcmread(io.BytesIO(dicom))
+    del no_pixels.PixelData
+    bio2 = io.BytesIO()
+    no_pixels.save_as(bio2)
+    return {"empty": b"", "random": np.random.default_rng(0).bytes(4000), "text": b"hello, radiograph\n" * 40,
+            "truncated_png": good_png[: len(good_png) // 2], "truncated_jpeg": jpg.tobytes()[: len(jpg) // 2],
+            "truncated_dicom": dicom[: len(dicom) // 2], "tiny_png": png_bytes(np.zeros((16, 40), np.uint8)),
+            "tiny_dicom": D.write_dicom(tmp_path / "tiny.dcm", phantom(20, 40)).read_bytes(),
+            "bomb_png": _png_with_size(8000, 7000), "bomb_dicom": bio.getvalue(),
+            "no_pixel_data": bio2.getvalue(), "blank_png": png_bytes(np.full((64, 64), 7, np.uint8)),
+            "missing_file": tmp_path / "nope.dcm", "directory": tmp_path}
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "text", "truncated_png", "truncated_jpeg", "truncated_dicom",
+                                  "tiny_png", "tiny_dicom", "bomb_png", "bomb_dicom", "no_pixel_data",
+                                  "blank_png", "missing_file", "directory"])
+def test_bad_input_raises_one_line_data_error(case, tmp_path):
+    one_line_data_error(D.load_image, _bad_inputs(tmp_path)[case])
+
+
+@pytest.mark.parametrize("fmt", ["png", "dicom"])
+def test_max_pixels_is_configurable(fmt, tmp_path):
+    src = png_bytes(np.tile(np.arange(64, dtype=np.uint8), (64, 1))) if fmt == "png" \
+        else D.write_dicom(tmp_path / "a.dcm", phantom(64, 64))
+    assert D.load_image(src, max_pixels=64 * 64)[0].shape == (64, 64)
+    assert "limit" in one_line_data_error(D.load_image, src, max_pixels=64 * 64 - 1)
+
+
+# --- reduced JPEG 2000 decode (issue 11 fast path)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("reduce_to", [200, 300])
+def test_reduced_j2k_decode_matches_downsampled_full_decode(tmp_path, photometric, reduce_to):
+    rng = np.random.default_rng(5)
+    stored, window, _, _ = D.synth_radiograph(rng, (1000, 760), "lateral", "lumbar", (2, 2))
+    if photometric == "MONOCHROME1":
+        stored, window = 4095 - stored, (4095 - window[0], window[1])
+    path = D.write_dicom(tmp_path / "j.dcm", stored, photometric=photometric, window=window, compress=True)
+    full, meta = D.load_image(path)
+    fast, meta_fast = D.load_image(path, reduce_to=reduce_to)
+    assert meta_fast == meta and reduce_to <= max(fast.shape) < 2 * reduce_to  # largest level >= reduce_to
+    # compared where the pipeline uses them, at the model size: the wavelet low band and an area
+    # average are different (both valid) downsamplers, which differ most on pixel-level texture
+    ref = D.fit_long_side(full, reduce_to)  # cv2.INTER_AREA
+    assert np.abs(ref - D.fit_long_side(fast, reduce_to)).mean() < 0.01  # < 1 % of the [0, 1] range
+    raw = D.write_dicom(tmp_path / "raw.dcm", stored, photometric=photometric, window=window)
+    np.testing.assert_array_equal(D.load_image(raw, reduce_to=reduce_to)[0], full)  # not J2K: full decode
+
+
+# --- preprocessing
+
+
+@pytest.mark.parametrize("clip, tiles", [(2.0, 8), (1.0, 4), (4.0, 8)])
+def test_clahe_is_cv2_clahe_and_raises_local_contrast(clip, tiles):
+    rng = np.random.default_rng(0)
+    img = (0.4 + 0.1 * cv2.GaussianBlur(rng.random((128, 96)).astype(np.float32), (0, 0), 4)).astype(np.float32)
+    out = D.apply_clahe(img, clip, tiles)
+    ref = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(D.to_uint8(img)) / 255.0
+    assert out.dtype == np.float32 and out.shape == img.shape
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert out.std() > img.std()
+
+
+@pytest.mark.parametrize("hw", [(300, 200), (200, 300), (256, 256), (50, 70), (1001, 333)])
+def test_boxes_survive_letterbox_and_back(hw):
+    rng = np.random.default_rng(hw[0])
+    h, w = hw
+    x1, y1 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
+    box = np.array([[x1, y1, x1 + rng.uniform(8, w * 0.4), y1 + rng.uniform(8, h * 0.4)]], np.float32)
+    img = np.zeros(hw, np.float32)
+    xa, ya, xb, yb = np.round(box[0]).astype(int)
+    img[ya:yb, xa:xb] = 1.0
+    out, ratio, pad = D.letterbox(img, 128)
+    assert out.shape == (128, 128) and np.isclose(out[0, 0] if pad[0] or pad[1] else 0.0,
+                                                  114 / 255 if pad[0] or pad[1] else 0.0)
+    lb = D.boxes_to_letterbox(box, ratio, pad)
+    ys, xs = np.nonzero(out > 0.5)  # the drawn rectangle lands where the box maps (within a pixel)
+    np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+                               D.boxes_to_letterbox(np.array([[xa, ya, xb, yb]]), ratio, pad)[0], atol=1.5)
+    np.testing.assert_allclose(D.boxes_from_letterbox(lb, ratio, pad, hw), box, atol=1e-3)
+    clipped = D.boxes_from_letterbox(np.array([[-50, -50, 500, 500]]), ratio, pad, hw)
+    np.testing.assert_allclose(clipped, [[0, 0, w, h]])
+
+
+def test_imagenet_input_replicates_and_normalises():
+    x = torch.rand(2, 1, 16, 12)
+    out = D.imagenet_input(x)
+    assert out.shape == (2, 3, 16, 12)
+    for c, (m, s) in enumerate(zip(D.DataConfig.imagenet_mean, D.DataConfig.imagenet_std)):
+        torch.testing.assert_close(out[:, c], (x[:, 0] - m) / s)
+
+
+# --- annotations
+
+
+CSV_TEXT = """study_id,series_id,image_id,rad_id,lesion_type,xmin,ymin,xmax,ymax
+s1,se1,img_a,rad1,No finding,,,,
+s1,se2,img_b,rad2,Osteophytes,10.5,20,30,40.25
+s1,se2,img_b,rad3,Spondylolysthesis,5,5,50,60
+s2,se3,img_c,rad1,Vertebral collapse,1,2,3,4
+s2,se3,img_c,rad1,No finding,,,,
+s2,se4,img_d,rad4,Other lesions,0,0,10,10
+"""
+
+
+def _write_csv(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    images = tmp_path / "train_images"
+    images.mkdir(exist_ok=True)
+    for name in ("img_a", "img_b", "img_c", "img_d"):
+        (images / f"{name}.dicom").write_bytes(b"")
+    (tmp_path / "train.csv").write_text(text)
+    return tmp_path / "train.csv", images
+
+
+def test_read_vindr_style_csv(tmp_path):
+    csv_path, images = _write_csv(tmp_path, CSV_TEXT)
+    with pytest.warns(UserWarning, match="both"):
+        records = D.read_annotations(csv_path, images)
+    assert [r.image_id for r in records] == ["img_a", "img_b", "img_c", "img_d"]
+    assert [r.label for r in records] == [0, 1, 1, 1]
+    b = records[1]
+    assert b.study_id == "s1" and b.series_id == "se2" and b.path == images / "img_b.dicom"
+    np.testing.assert_allclose(b.boxes, [[10.5, 20, 30, 40.25], [5, 5, 50, 60]])
+    assert b.classes.tolist() == [D.CLASSES.index("Osteophytes"), D.CLASSES.index("Spondylolysthesis")]
+    assert b.rad_ids == ("rad2", "rad3") and b.boxes.dtype == np.float32 and b.classes.dtype == np.int64
+    assert records[0].boxes.shape == (0, 4) and records[0].mask_paths is None
+    assert D.LT_CODES[D.CLASSES.index("Vertebral collapse")] == "LT11"
+
+
+@pytest.mark.parametrize("bad_row, needle", [
+    ("s3,se5,img_a,rad1,Fracture,1,2,3,4", "unknown lesion_type"),
+    ("s3,se5,img_a,rad1,Osteophytes,1,2,x,4", "malformed box"),
+    ("s3,se5,img_a,rad1,Osteophytes,10,2,10,4", "xmax > xmin"),
+    ("s3,se5,img_a,rad1,Osteophytes,1,2,3", "fields"),
+    ("s3,se5,img_zz,rad1,Osteophytes,1,2,3,4", "not found"),
+    ("s3,se5,img_a,rad1,No finding,1,2,3,4", "empty box")])
+def test_bad_csv_rows_name_the_line(tmp_path, bad_row, needle):
+    text = CSV_TEXT.replace("s1,se1,img_a,rad1,No finding,,,,\n", "") + bad_row + "\n"
+    csv_path, images = _write_csv(tmp_path, text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture's mixed "No finding" image warns; not under test here
+        message = one_line_data_error(D.read_annotations, csv_path, images)
+    assert f"train.csv:{len(text.splitlines())}" in message and needle in message
+
+
+def test_bad_csv_header(tmp_path):
+    csv_path, images = _write_csv(tmp_path, CSV_TEXT.replace("lesion_type", "class_name"))
+    assert "train.csv:1" in one_line_data_error(D.read_annotations, csv_path, images)
+
+
+# --- folds
+
+
+def _records(n_studies: int = 80, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    records = []
+    for s in range(n_studies):
+        abnormal = rng.random() < 0.5
+        for v in range(int(rng.integers(1, 4))):
+            n = int(abnormal and rng.random() < 0.9)
+            records.append(D.Record(f"i{s}_{v}", f"s{s}", f"se{s}_{v}", Path(f"i{s}_{v}.dicom"),
+                                    np.ones((n, 4), np.float32) * [0, 0, 1, 1], np.zeros(n, np.int64)))
+    return records
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_folds_group_studies_and_balance_labels(seed):
+    records = _records(seed=seed)
+    folds = D.make_folds(records)
+    assert folds.shape == (len(records),) and set(folds.tolist()) == set(range(5))
+    for study in {r.study_id for r in records}:
+        assert len({f for r, f in zip(records, folds) if r.study_id == study}) == 1
+    labels = np.array([r.label for r in records])
+    for k in range(5):
+        assert abs(labels[folds == k].mean() - labels.mean()) < 0.12
+        assert abs((folds == k).mean() - 0.2) < 0.08
+    np.testing.assert_array_equal(folds, D.make_folds(records))  # seeded
+    train, val = D.split_fold(records, 2)
+    assert {r.image_id for r in val} == {r.image_id for r, f in zip(records, folds) if f == 2}
+    assert len(train) + len(val) == len(records) and not {r.study_id for r in train} & {r.study_id for r in val}
+    one_line_data_error(D.split_fold, records, 5)
+    one_line_data_error(D.make_folds, records[:3])
+
+
+def test_repeat_factors_lvis_formula():
+    records = _records(20)
+    records[0].classes[:] = 5  # one image with a rare class
+    factors = D.repeat_factors(records, threshold=0.1)
+    f_rare = 1 / len(records)
+    f_common = sum(r.label for r in records[1:]) / len(records)
+    for r, f in zip(records, factors):
+        expected = 1.0 if not r.label else max(1.0, np.sqrt(0.1 / (f_rare if r is records[0] else f_common)))
+        assert np.isclose(f, expected)
+
+
+# --- synthetic set, cache and datasets (one generated set per module)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return D.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=24, n_test=20, seed=7, progress=False)
+
+
+def _hashes(root: Path) -> dict:
+    out = {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+           for p in sorted(root.rglob("*.csv")) + sorted(root.rglob("*.png"))}
+    for p in sorted(root.rglob("*.dicom")):
+        out[p.name] = hashlib.sha1(pydicom.dcmread(p).pixel_array.tobytes()).hexdigest()
+    return out
+
+
+def test_synthetic_is_deterministic_whatever_the_workers(tmp_path):
+    a = _hashes(D.make_synthetic(tmp_path / "a", 4, 3, seed=3, progress=False, workers=1))
+    b = _hashes(D.make_synthetic(tmp_path / "b", 4, 3, seed=3, progress=False, workers=2))
+    c = _hashes(D.make_synthetic(tmp_path / "c", 4, 3, seed=4, progress=False, workers=1))
+    assert a == b and a != c
+    one_line_data_error(D.make_synthetic, tmp_path / "a", 4, 3)  # refuses to overwrite silently
+
+
+def test_synthetic_layout(synth):
+    for split, n in (("train", 24), ("test", 20)):
+        rows = list(csv.reader(open(synth / "annotations" / f"{split}.csv")))
+        assert tuple(rows[0]) == D.CSV_COLUMNS
+        records = D.load_split(synth, split)
+        assert len(records) == n and 0.3 <= np.mean([r.label for r in records]) <= 0.7
+        assert 1.7 <= n / len({r.study_id for r in records}) <= 2.0  # ~2 images (AP + lateral) per study
+        for r in records[:12]:
+            ds = pydicom.dcmread(r.path)
+            assert len(r.image_id) == 32 and int(r.image_id, 16) >= 0 and r.path.stem == r.image_id
+            with pydicom.config.disable_value_validation():  # VinDr's hex IDs are not valid DICOM UIDs
+                assert ds.SOPInstanceUID == r.image_id and ds.StudyInstanceUID == r.study_id
+            assert ds.BitsStored == 12 and ds.BitsAllocated == 16 and ds.PixelRepresentation == 0
+            assert str(ds.PatientName) == "SYNTHETIC^PATIENT" and "PatientBirthDate" not in ds
+            assert "WindowCenter" in ds and 0.1 < float(ds.PixelSpacing[0]) < 0.5
+            if r.label:
+                assert r.mask_paths is not None and len(r.mask_paths) == len(r.boxes)
+                for box, mask_path in zip(r.boxes, r.mask_paths):
+                    m = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+                    assert m.shape == (ds.Rows, ds.Columns) and set(np.unique(m)) <= {0, 255}
+                    x, y, w, h = cv2.boundingRect(m)  # the box is the mask's tight box
+                    np.testing.assert_array_equal(box, [x, y, x + w, y + h])
+                    assert (m > 0).sum() < w * h or w * h < 40  # a lesion's pixels, not a filled box
+            else:
+                assert r.mask_paths == []
+
+
+def test_synthetic_mix_of_encodings_and_polarities(synth):
+    files = sorted((synth / "train_images").glob("*.dicom"))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    assert {str(h.file_meta.TransferSyntaxUID) for h in headers} == {pydicom.uid.JPEG2000Lossless,
+                                                                      pydicom.uid.ExplicitVRLittleEndian}
+    assert {h.PhotometricInterpretation for h in headers} == {"MONOCHROME1", "MONOCHROME2"}
+
+
+def test_synthetic_every_class_in_both_splits_and_skewed(synth):
+    counts = {split: np.bincount(np.concatenate([r.classes for r in D.load_split(synth, split)]), minlength=7)
+              for split in ("train", "test")}
+    for split, c in counts.items():
+        assert (c >= 2).all(), (split, c)
+    total = counts["train"] + counts["test"]
+    assert total.argmax() == D.CLASSES.index("Osteophytes") and total.max() > 3 * np.sort(total)[-2]
+
+
+def test_synthetic_mean_intensity_does_not_reveal_lesions(synth):
+    records = D.load_split(synth, "train") + D.load_split(synth, "test")
+    labels = [r.label for r in records]
+    means = [D.load_image(r.path, reduce_to=128)[0].mean() for r in records]  # the mean survives downsampling
+    assert 0.35 <= roc_auc_score(labels, means) <= 0.65
+
+
+def test_cache_hit_returns_identical_array(synth, tmp_path, monkeypatch):
+    path = D.load_split(synth, "test")[0].path
+    cache = D.ImageCache(tmp_path / "cache")
+    first, meta = cache.get(path, 160)
+    assert first.dtype == np.uint8 and max(first.shape) == 160
+    monkeypatch.setattr(D, "load_image", lambda *a, **k: pytest.fail("cache miss"))
+    again, meta2 = cache.get(path, 160)
+    np.testing.assert_array_equal(first, again)
+    assert meta2 == meta and len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(D.ImageCache(None).get(path, 160)[0], first)  # no disk: same result
+    assert D.ImageCache(tmp_path / "cache", fast_decode=True).key(path, 160) != cache.key(path, 160)
+
+
+def test_classification_dataset_contract(synth):
+    records = D.load_split(synth, "train")[:6]
+    ds = D.ClassificationDataset(records, 96, D.ImageCache(None), augment=True, seed=42)
+    x, y = ds[0]
+    assert x.shape == (1, 96, 96) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.shape == () and y.dtype == torch.float32 and y.item() == records[0].label
+    np.testing.assert_array_equal(ds.labels, [r.label for r in records])
+    torch.testing.assert_close(ds[0][0], x)  # same (seed, epoch, index): same augmentation
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], x)
+    plain = D.ClassificationDataset(records, 96, D.ImageCache(None))
+    assert torch.equal(plain[0][0], plain[0][0])
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_detection_dataset_contract(synth, masks):
+    records = [r for r in D.load_split(synth, "train") if r.label][:3] + [r for r in D.load_split(synth, "train")
+                                                                         if not r.label][:1]
+    ds = D.DetectionDataset(records, 128, D.ImageCache(None), masks=masks)
+    items = [ds[i] for i in range(len(records))]
+    for r, item in zip(records, items):
+        assert item["img"].shape == (3, 128, 128) and item["img"].dtype == torch.float32
+        assert item["boxes"].shape == (len(r.boxes), 4) and item["cls"].dtype == torch.int64
+        assert item["image_id"] == r.image_id
+        back = D.boxes_from_letterbox(item["boxes"].numpy(), item["ratio"], item["pad"], item["orig_hw"])
+        np.testing.assert_allclose(back, r.boxes, atol=1.0 / item["ratio"])
+        if masks:
+            m = item["masks"]
+            assert m.shape == (len(r.boxes), 32, 32) and m.dtype == torch.uint8
+            for mask, box in zip(m, item["boxes"] / 4):  # every mask is non-empty and inside its box
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                assert len(xs) and xs.min() >= box[0].floor() - 1 and xs.max() <= box[2].ceil() + 1
+        else:
+            assert item["masks"] is None
+    batch = D.collate_detection(items)
+    n = sum(len(r.boxes) for r in records)
+    assert batch["img"].shape == (4, 3, 128, 128) and batch["targets"].shape == (n, 6)
+    assert batch["targets"][:, 0].tolist() == [float(b) for b, r in enumerate(records) for _ in r.boxes]
+    assert (batch["masks"].shape == (n, 32, 32) and batch["masks"].dtype == torch.float32) if masks \
+        else batch["masks"] is None
+
+
+def test_detection_dataset_refusals(synth):
+    records = [r for r in D.load_split(synth, "train") if r.label][:2]
+    with pytest.raises(NotImplementedError):
+        D.DetectionDataset(records, 64, augment=True)[0]
+    records[0].mask_paths = None
+    assert "segmentation needs mask labels" in one_line_data_error(D.DetectionDataset, records, 64, masks=True)
+
+
+# --- CLI
+
+
+def _cli(argv: list, capsys) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["data.py", *argv]
+    try:
+        runpy.run_path(D.__file__, run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_info_and_user_errors(synth, tmp_path, capsys):
+    code, out, _ = _cli(["info", str(next((synth / "test_images").glob("*.dicom")))], capsys)
+    assert code == 0 and "decode ok" in out and "pixel_spacing" in out
+    code, out, err = _cli(["info", str(tmp_path / "missing.dcm")], capsys)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    code, _, err = _cli(["synth", "--out", str(synth)], capsys)  # exists: refused, no traceback
+    assert code == 2 and "Traceback" not in err
+
+
+def test_cli_synth(tmp_path, capsys):
+    code, out, _ = _cli(["synth", "--out", str(tmp_path / "s"), "--train", "2", "--test", "2",
+                         "--workers", "1"], capsys)
+    assert code == 0 and len(D.load_split(tmp_path / "s", "test")) == 2
