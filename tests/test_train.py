@@ -1,0 +1,461 @@
+"""Tests for train.py: Table 2 metrics (sklearn), study bootstrap, DeLong, VinDr/COCO AP (pycocotools), reports."""
+import contextlib
+import importlib.util
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from sklearn.metrics import f1_score, recall_score, roc_auc_score, roc_curve
+
+import train
+
+# --- classification metrics (Table 2)
+
+
+def _scores(rng, n, signal=1.0, decimals=2):
+    """Labels (n,) and scores with some separation; rounding makes ties, as real model outputs have."""
+    y = rng.integers(0, 2, n)
+    s = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(size=n))))
+    return y, np.round(s, decimals)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, "tie"])
+def test_classification_metrics_equal_sklearn(seed, threshold):
+    y, s = _scores(np.random.default_rng(seed), 300)
+    tau = float(np.median(s)) if threshold == "tie" else threshold  # "tie": some scores equal τ
+    m = train.classification_metrics(y, s, tau)
+    pred = (s > tau).astype(int)  # Algorithm 1 line 17
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(y, pred), abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred, pos_label=1), abs=1e-12)
+    assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_roc_points_equal_sklearn(seed):
+    y, s = _scores(np.random.default_rng(seed), 200, decimals=1)  # many ties
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    ours = train.roc_points(y, s)
+    assert ours[0] == pytest.approx(fpr, abs=1e-12) and ours[1] == pytest.approx(tpr, abs=1e-12)
+
+
+def test_decision_is_strict_and_single_class_is_an_error():
+    m = train.classification_metrics([0, 1], [0.5, 0.5], threshold=0.5)
+    assert m["sensitivity"] == 0 and m["specificity"] == 1  # S = τ is "normal"
+    with pytest.raises(ValueError, match="normal and abnormal"):
+        train.classification_metrics([1, 1], [0.2, 0.7], 0.5)
+
+
+def test_study_bootstrap_draws_whole_studies():
+    rng = np.random.default_rng(0)
+    groups = rng.permutation(np.repeat(np.arange(40), rng.integers(1, 4, 40)))  # 1–3 images per study
+    size = np.bincount(groups)
+    for idx in train.study_bootstrap(groups, B=50, seed=3):
+        per_image = np.bincount(idx, minlength=len(groups))  # times each image was drawn
+        for study in range(40):
+            drawn = per_image[groups == study]
+            assert (drawn == drawn[0]).all()  # a study comes with all its images, or not at all
+        assert np.sum(per_image / size[groups]) == pytest.approx(40)  # S studies drawn in all
+
+
+def _table2_metrics(tau=0.5):
+    return lambda y, s: train.classification_metrics(y, s, tau)
+
+
+def test_bootstrap_ci_contains_point_estimate():
+    rng = np.random.default_rng(1)
+    y, s = _scores(rng, 200)
+    groups = np.arange(200) // 2
+    ci = train.bootstrap_ci(y, s, groups, _table2_metrics(), B=300, seed=42)
+    point = train.classification_metrics(y, s, 0.5)
+    for key, (lo, hi) in ci.items():
+        assert lo <= point[key] <= hi and lo < hi
+
+
+def test_bootstrap_resamples_studies_not_images():
+    """Each study = 3 identical images. Resampling studies must give exactly the CI of the
+    one-image-per-study data (the metrics are invariant to copying every study 3 times);
+    resampling images instead would pretend to have 3x the data and narrow the CI."""
+    y, s = _scores(np.random.default_rng(2), 60)
+    study = np.arange(60)
+    ci_single = train.bootstrap_ci(y, s, study, _table2_metrics(), B=200, seed=7)
+    y3, s3, study3 = np.repeat(y, 3), np.repeat(s, 3), np.repeat(study, 3)
+    ci_study = train.bootstrap_ci(y3, s3, study3, _table2_metrics(), B=200, seed=7)
+    ci_image = train.bootstrap_ci(y3, s3, np.arange(180), _table2_metrics(), B=200, seed=7)
+    for key in ci_single:
+        assert ci_study[key] == pytest.approx(ci_single[key], abs=1e-12)
+    width_image, width_study = (ci["auroc"][1] - ci["auroc"][0] for ci in (ci_image, ci_study))
+    assert width_image < 0.75 * width_study
+
+
+def test_bootstrap_skips_single_class_resamples():
+    y, s = np.r_[1, np.zeros(9, int)], np.linspace(0, 1, 10)  # one abnormal study: often not drawn
+    samples = train.bootstrap_samples(y, s, np.arange(10), _table2_metrics(), B=100, seed=0)
+    assert 0 < len(samples["auroc"]) < 100
+
+
+def _delong_brute_force(y, scores):
+    """DeLong et al. (1988) straight from the definitions: ψ(x, z) = 1 if x > z, ½ if equal."""
+    x, z = scores[:, y == 1], scores[:, y == 0]
+    m, n = x.shape[1], z.shape[1]
+    psi = np.array([[[1.0 if a > b else 0.5 if a == b else 0.0 for b in zk] for a in xk] for xk, zk in zip(x, z)])
+    v10 = psi.mean(axis=2)  # (K, m)
+    v01 = psi.mean(axis=1)  # (K, n)
+    K = len(scores)
+
+    def sample_cov(v, r, c):
+        return np.sum((v[r] - v[r].mean()) * (v[c] - v[c].mean())) / (v.shape[1] - 1)
+
+    s10 = np.array([[sample_cov(v10, r, c) for c in range(K)] for r in range(K)])
+    s01 = np.array([[sample_cov(v01, r, c) for c in range(K)] for r in range(K)])
+    return psi.mean(axis=(1, 2)), s10 / m + s01 / n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_equals_brute_force_and_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.r_[np.ones(9, int), np.zeros(13, int)])
+    a = np.round(rng.random(22) + 0.4 * y, 1)  # ties within and across classes
+    b = np.round(0.7 * a + 0.3 * rng.random(22), 1)  # correlated with a
+    aucs, cov = train.delong_covariance(y, np.stack([a, b]))
+    bf_aucs, bf_cov = _delong_brute_force(y, np.stack([a, b]))
+    assert aucs == pytest.approx([roc_auc_score(y, a), roc_auc_score(y, b)], abs=1e-12)
+    assert aucs == pytest.approx(bf_aucs, abs=1e-12)
+    assert cov == pytest.approx(bf_cov, abs=1e-12)
+    t = train.delong_test(y, a, b)
+    z = (bf_aucs[0] - bf_aucs[1]) / math.sqrt(bf_cov[0, 0] + bf_cov[1, 1] - 2 * bf_cov[0, 1])
+    assert t["z"] == pytest.approx(z, abs=1e-9)
+    assert t["p"] == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(abs(z) / math.sqrt(2)))), abs=1e-9)
+
+
+def test_paired_tests_identical_and_clearly_different_models():
+    rng = np.random.default_rng(4)
+    y, good = _scores(rng, 400, signal=2.0)
+    bad = np.round(rng.random(400), 2)
+    assert train.delong_test(y, good, good)["p"] == 1.0
+    assert train.delong_test(y, good, bad)["p"] < 1e-6
+    groups = np.arange(400) // 2
+    sa = train.bootstrap_samples(y, good, groups, _table2_metrics(), B=200)
+    sb = train.bootstrap_samples(y, bad, groups, _table2_metrics(), B=200)
+    pa, pb = train.classification_metrics(y, good, 0.5), train.classification_metrics(y, bad, 0.5)
+    assert train.paired_bootstrap_pvalue(sa, sa, pa, pa)["auroc"] == 1.0
+    assert train.paired_bootstrap_pvalue(sa, sb, pa, pb)["auroc"] == pytest.approx(1 / 201)
+
+
+def _classification_summary(B=100):
+    rng = np.random.default_rng(5)
+    y, s = _scores(rng, 240, signal=1.5)
+    names = ("DenseNet121", "EfficientNetV2-S", "ResNet50")
+    members = {n: np.clip(s + rng.normal(0, 0.15, 240), 0, 1) for n in names}
+    scores = {**members, "DERNet": np.average(np.stack(list(members.values())), axis=0, weights=(0.42, 0.32, 0.26))}
+    thresholds = {n: 0.5 for n in scores}
+    return y, scores, train.summarize_classification(y, scores, thresholds, np.arange(240) // 2, B=B)
+
+
+def test_summary_and_table2_rendering(tmp_path):
+    _, _, summary = _classification_summary()
+    assert set(summary["comparisons"]) == {"DenseNet121", "EfficientNetV2-S", "ResNet50"}
+    m = summary["models"]["DERNet"]
+    assert {"auroc", "f1", "sensitivity", "specificity", "threshold", "ci"} <= set(m)
+    train.write_json(tmp_path / "metrics.json", summary)
+    reloaded = json.loads((tmp_path / "metrics.json").read_text())
+    table = train.render_table2(reloaded)  # works from the JSON copy too
+    assert table == train.render_table2(summary)
+    for row in train.PAPER_TABLE2:
+        assert "| " + " | ".join(row) + " |" in table
+    lo, hi = m["ci"]["auroc"]
+    assert f"| DERNet | {100 * m['auroc']:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] |" in table
+    tests = train.render_paired_tests(summary)
+    assert tests.count("DERNet vs") == 3 and "DeLong" in tests
+
+
+# --- detection metrics: VinDr-SpineXR protocol (Table 3)
+
+
+def test_box_iou_equals_torchvision():
+    rng = np.random.default_rng(0)
+    a = np.c_[rng.random((9, 2)) * 80, rng.random((9, 2)) * 80]
+    a[:, 2:] += a[:, :2]
+    b = a[rng.permutation(9)[:6]] + rng.normal(0, 5, (6, 4))
+    ref = torchvision.ops.box_iou(torch.as_tensor(a), torch.as_tensor(b)).numpy()
+    assert train.box_iou(a, b) == pytest.approx(ref, abs=1e-12)
+
+
+def _gt(*boxes_and_classes):
+    return (np.array([b for b, _ in boxes_and_classes], dtype=float).reshape(-1, 4),
+            np.array([c for _, c in boxes_and_classes], dtype=int))
+
+
+def _det(*rows):
+    return np.array(rows, dtype=float).reshape(-1, 6)
+
+
+BOX = [10, 10, 50, 50]
+FAR = [200, 200, 240, 240]
+
+
+def test_perfect_detections_give_ap_one():
+    gt = {"a": _gt((BOX, 0), (FAR, 3)), "b": _gt(([5, 60, 30, 90], 0)), "normal": _gt()}
+    dets = {"a": _det(BOX + [0.9, 0], FAR + [0.8, 3]), "b": _det([5, 60, 30, 90, 0.7, 0])}
+    r = train.evaluate_detections(dets, gt)
+    assert r["ap50"][[0, 3]] == pytest.approx([1, 1]) and r["map50"] == 1 and r["map50_95"] == 1
+    assert np.isnan(r["ap50"][[1, 2, 4, 5, 6]]).all()  # no GT: NaN, not counted in the mean
+    assert r["n_gt"].tolist() == [2, 0, 0, 1, 0, 0, 0] and r["n_images"] == 3
+
+
+def test_hand_made_ap_under_101_point_interpolation():
+    # 1 GT; FP (0.9) ranked above TP (0.8). Ranks: precision 0, 1/2; recall 0, 1.
+    # Envelope: 1/2 at every recall point (r = 0 is reached at rank 1, whose envelope is 1/2) → AP 0.5.
+    gt = {"a": _gt((BOX, 0))}
+    r = train.evaluate_detections({"a": _det(FAR + [0.9, 0], BOX + [0.8, 0])}, gt)
+    assert r["ap50"][0] == pytest.approx(0.5)
+    # 2 GT; TP (0.9), FP (0.8), TP (0.7). Precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1; envelope 1, 2/3, 2/3.
+    # Recall points 0, 0.01, …, 0.50 (51 points) → 1; 0.51 … 1.00 (50 points) → 2/3.
+    # AP = (51 · 1 + 50 · 2/3) / 101 = 0.834983…
+    gt = {"a": _gt((BOX, 0), (FAR, 0))}
+    r = train.evaluate_detections({"a": _det(BOX + [0.9, 0], [100, 100, 120, 120, 0.8, 0], FAR + [0.7, 0])}, gt)
+    assert r["ap50"][0] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-12)
+    assert r["precision50"][0, :51] == pytest.approx(1) and r["precision50"][0, 51:] == pytest.approx(2 / 3)
+
+
+def test_iou_threshold_and_duplicates():
+    shifted = [10, 10, 50, 60]  # IoU with BOX = 1600 / 2000 = 0.8: TP at 0.5 … 0.8, FP above
+    gt = {"a": _gt((BOX, 0))}
+    r = train.evaluate_detections({"a": _det(shifted + [0.9, 0], BOX + [0.8, 0])}, gt)
+    # at t ≤ 0.8 the top detection takes the GT and the exact duplicate below it is a FP (AP 1);
+    # at t > 0.8 the top one is a FP and the duplicate the TP (AP 0.5, as in the hand case above)
+    assert r["ap"][0] == pytest.approx([1] * 7 + [0.5] * 3)
+    assert r["map50_95"] == pytest.approx(0.85)
+
+
+def test_equal_iou_goes_to_the_later_gt_as_pycocotools():
+    # Detection A (0.9) has IoU 0.6 with both GTs; B (0.8) overlaps only GT 1 (IoU 1 vs 1/3).
+    # pycocotools keeps the LAST GT among equal IoUs, so A takes GT 2 and B takes GT 1: AP@0.5 = 1.
+    # (Taking the first GT would leave B unmatched: TP, FP and recall 1/2, AP 51/101.)
+    gt = {"a": _gt(([0, 0, 10, 10], 0), ([5, 0, 15, 10], 0))}
+    dets = {"a": _det([2.5, 0, 12.5, 10, 0.9, 0], [0, 0, 10, 10, 0.8, 0])}
+    r = train.evaluate_detections(dets, gt)
+    assert r["ap50"][0] == 1
+    if importlib.util.find_spec("pycocotools"):
+        assert r["ap"] == pytest.approx(_pycocotools_ap(dets, gt, 7, 100), abs=1e-12, nan_ok=True)
+
+
+def test_detections_on_normal_images_lower_ap():
+    gt = {"a": _gt((BOX, 0)), "normal": _gt()}
+    clean = train.evaluate_detections({"a": _det(BOX + [0.5, 0])}, gt)
+    noisy = train.evaluate_detections({"a": _det(BOX + [0.5, 0]), "normal": _det(BOX + [0.9, 0])}, gt)
+    assert clean["ap50"][0] == 1 and noisy["ap50"][0] == pytest.approx(0.5)
+
+
+def test_max_dets_per_image_and_class():
+    gt = {"a": _gt((BOX, 0), (FAR, 1))}
+    dets = {"a": _det([100, 100, 120, 120, 0.9, 0], [130, 130, 150, 150, 0.8, 0], BOX + [0.7, 0], FAR + [0.1, 1])}
+    three = train.evaluate_detections(dets, gt, max_dets=3)
+    two = train.evaluate_detections(dets, gt, max_dets=2)
+    assert three["ap50"][0] == pytest.approx(1 / 3)  # TP at rank 3: precision 1/3 at every recall point
+    assert two["ap50"][0] == 0  # the TP is the class's 3rd detection in this image: dropped
+    assert two["ap50"][1] == 1  # the cap counts per class (as pycocotools), so class 1 keeps its one
+    assert two["n_det"][:2].tolist() == [2, 1]
+
+
+def test_bad_input_is_a_clear_error():
+    gt = {"a": _gt((BOX, 0))}
+    with pytest.raises(ValueError, match="without a ground-truth entry"):
+        train.evaluate_detections({"b": _det(BOX + [0.5, 0])}, gt)
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        train.evaluate_detections({"a": np.zeros((2, 5))}, gt)
+    with pytest.raises(ValueError, match="x2 >= x1"):
+        train.evaluate_detections({"a": _det([50, 10, 10, 50, 0.5, 0])}, gt)
+    with pytest.raises(ValueError, match="class indices"):
+        train.evaluate_detections({"a": _det(BOX + [0.5, 7])}, gt)
+    with pytest.raises(ValueError, match="must contain 0.5"):
+        train.evaluate_detections({}, gt, iou_thresholds=(0.6, 0.7))
+
+
+def _random_scene(rng, n_images=40, num_classes=7, size=256, masks=False):
+    """Images with 0–5 lesions (class 6 never has GT), jittered/duplicated/misclassified detections,
+    random FPs, images without detections, scores on a 0.05 grid (ties across images)."""
+    gt, dets, gt_masks, pred_masks = {}, {}, {}, {}
+    yy, xx = np.mgrid[:size, :size]
+
+    def ellipse(b):
+        cx, cy, rx, ry = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, (b[2] - b[0]) / 2, (b[3] - b[1]) / 2
+        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+
+    for i in rng.permutation(n_images):
+        image_id = f"img{i:03d}"
+        m = rng.integers(0, 6)
+        xy = rng.integers(0, size - 70, (m, 2))
+        boxes = np.c_[xy, xy + rng.integers(8, 64, (m, 2))].astype(float)
+        classes = rng.integers(0, num_classes - 1, m)
+        gt[image_id] = (boxes, classes)
+        rows = []
+        for b, c in zip(boxes, classes):
+            for _ in range(rng.integers(0, 4)):
+                jb = np.clip(b + rng.normal(0, 4, 4), 0, size - 1)
+                jb[2:] = np.maximum(jb[2:], jb[:2] + 2)
+                rows.append([*jb, rng.integers(1, 20) / 20, c if rng.random() < 0.85 else rng.integers(0, num_classes)])
+        for _ in range(rng.integers(0, 8)):
+            xy0 = rng.integers(0, size - 60, 2)
+            rows.append([*xy0, *(xy0 + rng.integers(8, 60, 2)), rng.integers(1, 20) / 20, rng.integers(0, num_classes)])
+        if rows and rng.random() < 0.9:
+            dets[image_id] = np.array(rows, dtype=float)
+        if masks:
+            gt_masks[image_id] = np.stack([ellipse(b) for b in boxes]) if m else np.zeros((0, size, size), bool)
+            if image_id in dets:
+                pred_masks[image_id] = np.stack([ellipse(r[:4]) for r in dets[image_id]])
+    return (dets, gt, pred_masks, gt_masks) if masks else (dets, gt)
+
+
+def _pycocotools_ap(dets, gt, num_classes, max_dets, gt_masks=None, pred_masks=None):
+    """AP (C, T) from pycocotools' COCOeval on the same scene; NaN where it reports -1."""
+    pytest.importorskip("pycocotools")
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    segm = gt_masks is not None
+
+    def rle(m):
+        return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+    ids = {image_id: n + 1 for n, image_id in enumerate(sorted(gt))}  # same order as the sorted ids
+    anns, results = [], []
+    for image_id, (boxes, classes) in gt.items():
+        for k, (b, c) in enumerate(zip(boxes, classes)):
+            ann = {"id": len(anns) + 1, "image_id": ids[image_id], "category_id": int(c) + 1, "iscrowd": 0,
+                   "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
+            if segm:
+                ann.update(segmentation=rle(gt_masks[image_id][k]), area=float(gt_masks[image_id][k].sum()))
+            anns.append(ann)
+    for image_id, rows in dets.items():
+        for k, r in enumerate(rows):
+            res = {"image_id": ids[image_id], "category_id": int(r[5]) + 1, "score": float(r[4])}
+            if segm:
+                res["segmentation"] = rle(pred_masks[image_id][k])
+            else:
+                res["bbox"] = [r[0], r[1], r[2] - r[0], r[3] - r[1]]
+            results.append(res)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {"images": [{"id": v, "height": 256, "width": 256} for v in ids.values()],
+                        "annotations": anns, "categories": [{"id": c + 1} for c in range(num_classes)]}
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(results), "segm" if segm else "bbox")
+        ev.params.iouThrs = np.array(train.COCO_IOU_THRESHOLDS)
+        ev.params.maxDets = [max_dets]
+        ev.params.areaRng, ev.params.areaRngLbl = [[0, 1e10]], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][:, :, :, 0, 0]  # (T, R, K)
+    return np.where(prec[:, 0, :] > -1, prec.mean(axis=1), np.nan).T  # (K, T)
+
+
+@pytest.mark.parametrize("seed,max_dets", [(0, 100), (1, 100), (2, 3), (3, 1)])
+def test_box_ap_equals_pycocotools(seed, max_dets):
+    dets, gt = _random_scene(np.random.default_rng(seed))
+    ours = train.evaluate_detections(dets, gt, max_dets=max_dets)
+    ref = _pycocotools_ap(dets, gt, 7, max_dets)
+    assert np.isnan(ref[6]).all() and np.isnan(ours["ap"][6]).all()  # class 6 has detections but no GT
+    assert ours["ap"] == pytest.approx(ref, abs=1e-6, nan_ok=True)
+    assert ours["ap50"] == pytest.approx(ref[:, 0], abs=1e-6, nan_ok=True)
+    assert ours["map50"] == pytest.approx(np.nanmean(ref[:, 0]), abs=1e-6)
+    assert ours["map50_95"] == pytest.approx(np.nanmean(ref), abs=1e-6)
+    assert 0.05 < ours["map50"] < 0.95  # a scene that exercises the protocol, not a trivial one
+
+
+def test_mask_iou_equals_brute_force():
+    rng = np.random.default_rng(0)
+    a = rng.random((5, 40, 50)) < 0.02
+    a[:, 10:20, 5:30] |= rng.random((5, 10, 25)) < 0.5
+    b = np.concatenate([a[:3] ^ (rng.random((3, 40, 50)) < 0.05), np.zeros((1, 40, 50), bool)])  # + an empty mask
+    inter = (a[:, None] & b[None]).sum(axis=(2, 3))
+    union = (a[:, None] | b[None]).sum(axis=(2, 3))
+    assert train.mask_iou(a, b) == pytest.approx(np.where(union > 0, inter / np.maximum(union, 1), 0), abs=1e-12)
+
+
+def test_mask_ap_and_dice_on_hand_made_masks():
+    size = 64
+    gt_m = np.zeros((2, size, size), bool)
+    gt_m[0, 10:20, 10:20] = True  # class 0, 100 px
+    gt_m[1, 40:50, 40:50] = True  # class 1, never found
+    pred = np.zeros((2, size, size), bool)
+    pred[0, 10:20, 10:18] = True  # 80 px inside the GT: IoU 0.8, Dice 2·80/180
+    pred[1, 30:35, 0:5] = True  # elsewhere: FP
+    gt = {"a": (np.array([[10, 10, 20, 20], [40, 40, 50, 50]], float), np.array([0, 1]))}
+    dets = {"a": _det([10, 10, 18, 20, 0.9, 0], [0, 30, 5, 35, 0.6, 0])}
+    r = train.evaluate_masks(dets, {"a": pred}, gt, {"a": gt_m})
+    assert r["ap50"][:2].tolist() == [1, 0] and r["map50"] == 0.5
+    assert r["ap"][0] == pytest.approx([1] * 7 + [0] * 3)  # IoU 0.8 is a TP up to t = 0.80
+    assert r["dice_matched"] == pytest.approx(160 / 180) and r["iou_matched"] == pytest.approx(0.8)
+    assert r["dice_matched_per_class"][0] == pytest.approx(160 / 180) and np.isnan(r["dice_matched_per_class"][1])
+    assert r["n_matched"][:2].tolist() == [1, 0] and r["dice_all_gt"] == pytest.approx(80 / 180)
+    with pytest.raises(ValueError, match="predicted masks"):
+        train.evaluate_masks(dets, {"a": pred[:1]}, gt, {"a": gt_m})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_ap_equals_pycocotools(seed):
+    dets, gt, pred_masks, gt_masks = _random_scene(np.random.default_rng(seed), n_images=25, masks=True)
+    ours = train.evaluate_masks(dets, pred_masks, gt, gt_masks)
+    ref = _pycocotools_ap(dets, gt, 7, 100, gt_masks=gt_masks, pred_masks=pred_masks)
+    assert ours["ap"] == pytest.approx(ref, abs=1e-6, nan_ok=True)
+    assert ours["map50_95"] == pytest.approx(np.nanmean(ref), abs=1e-6)
+
+
+# --- reports and plots
+
+
+def _is_png(path):
+    return path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_png(tmp_path):
+    y, scores, summary = _classification_summary(B=20)
+    roc = train.plot_roc_curves(y, scores, tmp_path / "roc.png", thresholds={n: 0.5 for n in scores})
+    history = [{"epoch": e, "train_loss": 1 / e, "val_auroc": 0.5 + e / 10, "lr": 1e-4, "note": "text is skipped"}
+               for e in range(1, 5)]
+    curves = train.plot_training_curves(history, tmp_path / "curves.png")
+    dets, gt = _random_scene(np.random.default_rng(0))
+    det = train.evaluate_detections(dets, gt)
+    pr = train.plot_pr_curves(det, [f"class {c}" for c in range(7)], tmp_path / "sub" / "pr.png")
+    assert all(_is_png(p) for p in (roc, curves, pr))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["curves.png", "pr.png", "roc.png", "sub"]  # no temp files
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = train.write_json(tmp_path / "m.json", {"ap": np.array([0.5, np.nan]), "n": np.int64(3), "t": (1, 2)})
+    assert json.loads(path.read_text()) == {"ap": [0.5, None], "n": 3, "t": [1, 2]}
+    with pytest.raises(TypeError):
+        train.write_json(path, {"bad": object()})
+
+    def crash_midway(tmp):
+        tmp.write_text('{"half": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train._atomic_write(path, crash_midway)
+    assert json.loads(path.read_text())["n"] == 3 and len(list(tmp_path.iterdir())) == 1  # old file intact, no temp
+
+
+def test_table3_and_mask_table_rendering(tmp_path):
+    dets, gt, pred_masks, gt_masks = _random_scene(np.random.default_rng(1), n_images=20, masks=True)
+    box = train.evaluate_detections(dets, gt)
+    mask = train.evaluate_masks(dets, pred_masks, gt, gt_masks)
+    table = train.render_table3(box)
+    for row in train.PAPER_TABLE3:
+        assert "| " + " | ".join(row) + " |" in table
+    ours = [f"{100 * v:.2f}" for v in box["ap50"][:6]] + ["–", f"{100 * box['map50']:.2f}"]  # LT13: no GT
+    assert "| This implementation | " + " | ".join(ours) + " |" in table
+    train.write_json(tmp_path / "box.json", box)
+    assert train.render_table3(json.loads((tmp_path / "box.json").read_text())) == table
+    seg = train.render_mask_table(box, mask)
+    assert "| Mask AP@0.5 | " + " | ".join(f"{100 * v:.2f}" for v in mask["ap50"][:6]) in seg
+    assert f"| {int(mask['n_matched'].sum())}/{int(mask['n_gt'].sum())} |" in seg
+    with pytest.raises(ValueError, match="needs 7 values"):
+        train.render_table3({**box, "ap50": box["ap50"][:6]})
