@@ -35,6 +35,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,6 +98,12 @@ class DataConfig:
     brightness: float = 0.10  # +- additive, display units
     contrast: float = 0.20  # x U(1 - c, 1 + c) around mid-grey
     gamma: float = 0.25  # exp(U(-g, g)): exposure / processing curve differences
+    # detection augmentation (Algorithm 1, lines 8-13; issue 5). Intensity jitter shares the values above.
+    mosaic_center: tuple = (0.3, 0.7)  # Algorithm 1: mosaic centre ~ U(0.3 W, 0.7 W) on the 2S x 2S canvas
+    det_translate: float = 0.1  # +-10 % of S (reference family's default)
+    det_scale: float = 0.3  # zoom U(1 - s, 1 + s); reference family 0.5, ours 0.3: spinal lesions are small
+    min_box_side: float = 2.0  # px: boxes thinner than this after augmentation are dropped (reference family)
+    min_box_kept: float = 0.1  # drop a box when < 10 % of its (scaled) area survives the crop (reference family)
     # synthetic VinDr-format set (ours: sized for a CPU demo, skew like REFERENCE §1)
     synth_train: int = 400  # images in annotations/train.csv
     synth_test: int = 100  # images in annotations/test.csv
@@ -860,6 +867,85 @@ def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+# --- detection augmentation: pure functions on DetSample (images, boxes and masks move together)
+
+def _tile_slices(k: int, xc: int, yc: int, size: int) -> tuple[slice, slice, slice, slice]:
+    """Mosaic tile k (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of a (size, size) image
+    around the centre (xc, yc) of the (2S, 2S) canvas -> (canvas rows, canvas cols, tile rows, tile cols)."""
+    x0, x1 = (max(xc - size, 0), xc) if k in (0, 2) else (xc, min(xc + size, 2 * size))
+    y0, y1 = (max(yc - size, 0), yc) if k in (0, 1) else (yc, min(yc + size, 2 * size))
+    w, h = x1 - x0, y1 - y0
+    tx0 = size - w if k in (0, 2) else 0  # the tile's corner touching the centre stays in view
+    ty0 = size - h if k in (0, 1) else 0
+    return slice(y0, y1), slice(x0, x1), slice(ty0, ty0 + h), slice(tx0, tx0 + w)
+
+
+def mosaic4(samples: list[DetSample], rng: np.random.Generator, hyp: DataConfig = DataConfig()) -> DetSample:
+    """Algorithm 1, lines 9-10: four (S, S) samples around a centre (xc, yc) ~ U(0.3 W, 0.7 W) of a
+    (2S, 2S) canvas (W = 2S). Returns the (2S, 2S) sample; random_affine then crops it back to S."""
+    size = samples[0].img.shape[0]
+    lo, hi = hyp.mosaic_center
+    xc, yc = (int(v) for v in rng.uniform(lo * 2 * size, hi * 2 * size, 2))
+    img = np.full((2 * size, 2 * size), hyp.pad_value, np.float32)  # (2S, 2S)
+    with_masks = samples[0].masks is not None
+    boxes, classes, masks = [], [], []
+    for k, s in enumerate(samples):
+        rows, cols, trows, tcols = _tile_slices(k, xc, yc, size)
+        img[rows, cols] = s.img[trows, tcols]
+        shift = np.array([cols.start - tcols.start, rows.start - trows.start] * 2, np.float32)
+        b = s.boxes + shift  # (N, 4) canvas pixels
+        b[:, 0::2] = b[:, 0::2].clip(cols.start, cols.stop)  # only what shows of this tile
+        b[:, 1::2] = b[:, 1::2].clip(rows.start, rows.stop)
+        boxes.append(b)
+        classes.append(s.cls)
+        if with_masks:
+            m = np.zeros((len(s.boxes), 2 * size, 2 * size), np.uint8)  # (N, 2S, 2S)
+            m[:, rows, cols] = s.masks[:, trows, tcols]
+            masks.append(m)
+    sample = DetSample(img=img, boxes=np.concatenate(boxes).astype(np.float32), cls=np.concatenate(classes),
+                       masks=np.concatenate(masks) if with_masks else None)
+    return _keep_boxes(sample, np.concatenate([s.boxes for s in samples]), 1.0, hyp)
+
+
+def _keep_boxes(sample: DetSample, before: np.ndarray, scale: float, hyp: DataConfig) -> DetSample:
+    """Drop boxes that augmentation made too thin or cut away (< min_box_kept of their scaled area)."""
+    w, h = sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]
+    area_before = (before[:, 2] - before[:, 0]) * (before[:, 3] - before[:, 1]) * scale ** 2
+    keep = (w > hyp.min_box_side) & (h > hyp.min_box_side) & (w * h > hyp.min_box_kept * area_before)
+    return DetSample(img=sample.img, boxes=sample.boxes[keep], cls=sample.cls[keep],
+                     masks=sample.masks[keep] if sample.masks is not None else None)
+
+
+def random_affine(sample: DetSample, rng: np.random.Generator, size: int, hyp: DataConfig = DataConfig()) -> DetSample:
+    """Random zoom and translation into a (size, size) output, one resampling for image and masks.
+    Input (H, H): a plain letterboxed sample (H = S) or a mosaic (H = 2S, whose centre region is kept).
+    Axis-aligned only (no rotation or shear), so transformed boxes stay exact."""
+    src = sample.img.shape[0]
+    s = rng.uniform(1 - hyp.det_scale, 1 + hyp.det_scale)
+    tx, ty = (0.5 + rng.uniform(-hyp.det_translate, hyp.det_translate, 2)) * size
+    matrix = np.array([[s, 0, tx - s * src / 2], [0, s, ty - s * src / 2]], np.float64)  # centre -> (tx, ty)
+    img = cv2.warpAffine(sample.img, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=hyp.pad_value)
+    boxes = sample.boxes * s + np.array([matrix[0, 2], matrix[1, 2]] * 2, np.float32)
+    boxes = boxes.clip(0, size).astype(np.float32)
+    masks = None
+    if sample.masks is not None:
+        masks = np.stack([cv2.warpAffine(m, matrix, (size, size), flags=cv2.INTER_NEAREST) for m in sample.masks]) \
+            if len(sample.masks) else np.zeros((0, size, size), np.uint8)
+    return _keep_boxes(DetSample(img=img, boxes=boxes, cls=sample.cls, masks=masks), sample.boxes, s, hyp)
+
+
+def random_hflip(sample: DetSample, rng: np.random.Generator, hyp: DataConfig = DataConfig()) -> DetSample:
+    """Mirror left-right with probability hyp.hflip (never vertically: anatomy is upright)."""
+    if rng.random() >= hyp.hflip:
+        return sample
+    size = sample.img.shape[1]
+    boxes = sample.boxes.copy()
+    boxes[:, [0, 2]] = size - sample.boxes[:, [2, 0]]
+    masks = np.ascontiguousarray(sample.masks[:, :, ::-1]) if sample.masks is not None else None
+    return DetSample(img=np.ascontiguousarray(sample.img[:, ::-1]), boxes=boxes, cls=sample.cls, masks=masks)
+
+
 class DetectionDataset(Dataset):
     """Letterboxed image, boxes and classes (and per-lesion masks) for YOLO11 (Phase II).
     __getitem__ -> dict(img (3, S, S) float32 [0, 1], boxes (N, 4) float32 xyxy input px,
@@ -929,10 +1015,20 @@ class DetectionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.load_sample(i)
         if self.augment:
-            # --- augmentation slot: mosaic while self.mosaic (Algorithm 1, lines 9-13), random
-            # affine, horizontal flip, intensity jitter, as pure functions on DetSample ---
-            raise NotImplementedError("detection augmentation is wired by the lead")
+            sample = self.augment_sample(sample, i)
         return self.to_output(sample, i)
+
+    def augment_sample(self, sample: DetSample, i: int) -> DetSample:
+        """1. mosaic with three other random images while self.mosaic (Algorithm 1, lines 9-13);
+        2. random zoom/translation back to S; 3. horizontal flip; 4. brightness/contrast/gamma.
+        Randomness from default_rng((seed, epoch, i)): the same whatever the worker or rank."""
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        if self.mosaic:
+            others = rng.integers(0, len(self.records), 3)
+            sample = mosaic4([sample] + [self.load_sample(int(j)) for j in others], rng, self.hyp)
+        sample = random_affine(sample, rng, self.imgsz, self.hyp)
+        sample = random_hflip(sample, rng, self.hyp)
+        return dataclasses.replace(sample, img=_intensity_jitter(sample.img, rng, self.hyp).astype(np.float32))
 
 
 def collate_detection(samples: list[dict]) -> dict:

@@ -563,10 +563,102 @@ def test_detection_dataset_contract(synth, masks):
 
 def test_detection_dataset_refusals(synth):
     records = [r for r in D.load_split(synth, "train") if r.label][:2]
-    with pytest.raises(NotImplementedError):
-        D.DetectionDataset(records, 64, augment=True)[0]
     records[0].mask_paths = None
     assert "segmentation needs mask labels" in one_line_data_error(D.DetectionDataset, records, 64, masks=True)
+
+
+# --- detection augmentation (mosaic, affine, flip): boxes and masks stay on their pixels
+
+
+def _painted_sample(rng: np.random.Generator, size: int = 96, n: int = 3) -> D.DetSample:
+    """Dark image whose only bright pixels are its boxes (and masks = the boxes)."""
+    img = np.full((size, size), 0.1, np.float32)
+    boxes, masks = [], []
+    for _ in range(n):
+        x0, y0 = rng.integers(4, size - 28, 2)
+        w, h = rng.integers(8, 24, 2)
+        img[y0:y0 + h, x0:x0 + w] = 0.9
+        m = np.zeros((size, size), np.uint8)
+        m[y0:y0 + h, x0:x0 + w] = 1
+        boxes.append([x0, y0, x0 + w, y0 + h])
+        masks.append(m)
+    return D.DetSample(img=img, boxes=np.array(boxes, np.float32), cls=rng.integers(0, 7, n),
+                       masks=np.stack(masks))
+
+
+def _check_alignment(s: D.DetSample):
+    """Each box covers bright pixels only, its mask's extent equals the box, bright pixels lie in boxes."""
+    assert s.boxes.shape == (len(s.cls), 4) and s.masks.shape[0] == len(s.cls)
+    size = s.img.shape[0]
+    assert (s.boxes >= 0).all() and (s.boxes <= size).all()
+    inside = np.zeros(s.img.shape, bool)
+    for box, m in zip(s.boxes, s.masks):
+        x0, y0, x1, y1 = box
+        ys, xs = np.nonzero(m)
+        assert len(xs) > 0
+        np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], box, atol=1.0)
+        r0, r1, c0, c1 = int(np.ceil(y0)) + 1, int(y1) - 1, int(np.ceil(x0)) + 1, int(x1) - 1
+        if r1 > r0 and c1 > c0:
+            assert s.img[r0:r1, c0:c1].min() > 0.8  # the box interior is lesion pixels
+        inside[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+    assert (s.img[~inside] < 0.5).all()  # no bright pixel outside every box (dropped lesions are cut away)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_mosaic_affine_flip_keep_boxes_on_pixels(seed):
+    rng = np.random.default_rng(seed)
+    hyp = D.DataConfig(min_box_kept=0.0, min_box_side=0.0)  # keep every visible sliver for the pixel check
+    samples = [_painted_sample(rng) for _ in range(4)]
+    mosaic = D.mosaic4(samples, rng, hyp)
+    assert mosaic.img.shape == (192, 192)
+    _check_alignment(mosaic)
+    out = D.random_hflip(D.random_affine(mosaic, rng, 96, hyp), np.random.default_rng(seed), D.DataConfig(hflip=1.0))
+    assert out.img.shape == (96, 96) and out.masks.shape[1:] == (96, 96)
+    _check_alignment(out)
+
+
+def test_mosaic_centre_range():
+    rng = np.random.default_rng(0)
+    size = 64
+    for _ in range(20):
+        samples = [D.DetSample(np.full((size, size), v, np.float32), np.zeros((0, 4), np.float32),
+                               np.zeros(0, np.int64), None) for v in (0.1, 0.3, 0.6, 0.9)]
+        img = D.mosaic4(samples, rng).img
+        xc = np.nonzero(np.isclose(img, 0.3).any(0))[0].min()  # left edge of the top-right tile
+        yc = np.nonzero(np.isclose(img, 0.6).any(1))[0].min()  # top edge of the bottom-left tile
+        for c in (xc, yc):
+            assert 0.3 * 2 * size - 1 <= c <= 0.7 * 2 * size + 1  # Algorithm 1: U(0.3 W, 0.7 W)
+
+
+def test_affine_drops_cut_away_boxes():
+    img = np.zeros((64, 64), np.float32)
+    sample = D.DetSample(img, np.array([[0, 0, 4, 4], [20, 20, 44, 44]], np.float32), np.array([1, 2]), None)
+    hyp = D.DataConfig(det_scale=0.0, det_translate=0.0)
+    out = D.random_affine(sample, np.random.default_rng(0), 64, hyp)
+    np.testing.assert_allclose(out.boxes, sample.boxes)  # identity warp
+    shifted = D.random_affine(sample, np.random.default_rng(0), 32, hyp)  # keeps the central 32 x 32
+    assert shifted.cls.tolist() == [2]  # the corner box is cut away, the central one is kept
+    np.testing.assert_allclose(shifted.boxes, [[4, 4, 28, 28]])
+
+
+@pytest.mark.parametrize("mosaic", [True, False])
+def test_detection_dataset_augmentation_is_seeded_and_aligned(synth, mosaic):
+    records = [r for r in D.load_split(synth, "train")][:8]
+    ds = D.DetectionDataset(records, 128, D.ImageCache(None), augment=True, masks=True)
+    ds.mosaic = mosaic
+    a, b = ds[1], ds[1]
+    assert torch.equal(a["img"], b["img"]) and torch.equal(a["boxes"], b["boxes"])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1]["img"], a["img"])
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["img"].shape == (3, 128, 128) and item["masks"].shape == (len(item["cls"]), 32, 32)
+        for box, m in zip(item["boxes"].numpy(), item["masks"].numpy()):
+            ys, xs = np.nonzero(m)
+            assert len(xs) > 0  # every kept box keeps its mask
+            # mask extent at stride 4 lies on its box (nearest-neighbour rounding: one cell of slack)
+            assert xs.min() * 4 >= box[0] - 8 and (xs.max() + 1) * 4 <= box[2] + 8
+            assert ys.min() * 4 >= box[1] - 8 and (ys.max() + 1) * 4 <= box[3] + 8
 
 
 # --- CLI
