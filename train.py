@@ -27,6 +27,7 @@ import contextlib
 import copy
 import csv
 import functools
+import hashlib
 import json
 import math
 import numbers
@@ -894,6 +895,31 @@ def wrap_ddp(model: nn.Module, rt: Runtime, sync_bn: bool) -> nn.Module:
     return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
 
+def ranks_in_sync(model: nn.Module, rt: Runtime) -> bool:
+    """DDP's invariant, checked after training: every rank holds bit-identical parameters. (BatchNorm
+    running statistics are broadcast from rank 0 at each forward and then updated from each rank's own
+    batch, so they legitimately differ; rank 0's are the ones saved.) One SHA-256 digest per rank."""
+    if rt.world == 1:
+        return True
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return len(set(all_gather(digest.hexdigest(), rt))) == 1
+
+
+def record_sync(model: nn.Module, what: str, run: Path, rt: Runtime):
+    """Several ranks: write ranks.json {what: in sync} (rank 0) and warn if the ranks drifted apart."""
+    if rt.world == 1:
+        return
+    ok = ranks_in_sync(model, rt)
+    if rt.main:
+        path = run / "ranks.json"
+        state = json.loads(path.read_text()) if path.is_file() else {"world": rt.world}
+        write_json(path, {**state, what: ok})
+    if not ok:
+        log(rt, f"warning: {what}: the ranks' weights differ after training")
+
+
 class EvalShard(torch.utils.data.Sampler):
     """Evaluation indices of this rank: rank, rank + world, ... No padding (unlike DistributedSampler,
     which repeats samples to even out the ranks), so gathering the shards gives every image once and
@@ -1079,9 +1105,9 @@ def load_splits(cfg: TrainConfig, root: Path, fold: int) -> Splits:
     return Splits(train, val, load_split(root, "test"))
 
 
-def make_loader(dataset, batch: int, sampler, workers: int, collate=None) -> DataLoader:
+def make_loader(dataset, batch: int, sampler, workers: int, collate=None, drop_last: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=torch.cuda.is_available(), drop_last=False)
+                      pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
 def log(rt: Runtime, msg: str):
@@ -1225,7 +1251,11 @@ def train_member(name: str, cfg: TrainConfig, splits: Splits, cache: ImageCache,
     pos_weight = torch.tensor((len(train_ds) - n_pos) / max(n_pos, 1.0), device=rt.device)  # class balance
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)  # Algorithm 1, line 4
     sampler = DistributedSampler(train_ds, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = make_loader(train_ds, cfg.cls_batch, sampler, resolve_workers(cfg, rt))
+    # drop the last partial batch: a batch of one cannot train BatchNorm on a 1 x 1 feature map
+    loader = make_loader(train_ds, cfg.cls_batch, sampler, resolve_workers(cfg, rt), drop_last=True)
+    if len(loader) == 0:
+        raise DataError(f"{len(train_ds)} training images for {rt.world} process(es) do not fill one batch of "
+                        f"{cfg.cls_batch}; lower --batch")
     start, best, history = 0, {"auroc": -1.0, "epoch": -1}, []
     last = run / f"{name}_last.pt"
     if last.exists():  # --resume: continue after the last completed epoch
@@ -1263,6 +1293,7 @@ def train_member(name: str, cfg: TrainConfig, splits: Splits, cache: ImageCache,
                 f"best {best['auroc']:.4f} (epoch {best['epoch']})  {stats['img_per_s']:.1f} img/s  "
                 f"{row['time_s']:.0f} s")
         broadcast(None, rt)  # nobody reads a checkpoint before rank 0 has written it
+    record_sync(model, name, run, rt)
     return history
 
 
@@ -1658,6 +1689,7 @@ def train_detector(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Pat
                 + f"  val mAP@0.5 {box['map50']:.4f}{extra}  best {best['map50']:.4f} (epoch {best['epoch']})  "
                   f"{'mosaic  ' if train_ds.mosaic else ''}{stats['img_per_s']:.1f} img/s  {row['time_s']:.0f} s")
         broadcast(None, rt)
+    record_sync(model, stage, run, rt)
     return history
 
 

@@ -459,3 +459,166 @@ def test_table3_and_mask_table_rendering(tmp_path):
     assert f"| {int(mask['n_matched'].sum())}/{int(mask['n_gt'].sum())} |" in seg
     with pytest.raises(ValueError, match="needs 7 values"):
         train.render_table3({**box, "ap50": box["ap50"][:6]})
+
+
+# --- end-to-end runs on the tiny synthetic set (tests/conftest.py): outputs, resume, DDP, checkpoints
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLS_FILES = ("config.json", "dernet.pt", "predictions.csv", "metrics.json", "report.md", "roc.png",
+             "training_curves.png", *(f"member_{n}.pt" for n in train.MEMBERS), *(f"{n}_last.pt" for n in train.MEMBERS))
+DET_FILES = ("config.json", "best.pt", "last.pt", "detections.csv", "ground_truth.csv", "metrics.json", "report.md",
+             "pr_curves.png", "predictions.png", "training_curves.png")
+
+
+def _args(root, out, stage, name, *extra) -> list[str]:
+    tiny = {"cls": ["--epochs", "2", "--imgsz", "32", "--batch", "8"],
+            "det": ["--epochs", "2", "--imgsz", "64", "--batch", "4", "--scale", "n", "--tau-mosaic", "2"],
+            "seg": ["--epochs", "2", "--imgsz", "64", "--batch", "4", "--scale", "n", "--tau-mosaic", "2"]}[stage]
+    return ["--stage", stage, "--data", str(root), "--out", str(out), "--cache-dir", str(out / "cache"),
+            "--name", name, "--bootstrap", "20", "--no-progress", *tiny, *extra]
+
+
+def _run_main(argv) -> int:
+    return train.main(train.get_args_parser().parse_args(argv))
+
+
+def _cli(argv, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_cls_tiny_run_writes_every_output(synthetic_root, tmp_path):
+    assert _run_main(_args(synthetic_root, tmp_path, "cls", "t")) == 0
+    run = tmp_path / "cls" / "t"
+    for f in CLS_FILES:
+        assert (run / f).is_file(), f
+    header = (run / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header == ["image_id", "study_id", "label", *(f"p_{n}" for n in train.MEMBERS), "score", "decision"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]["models"]) >= {"DERNet", *train.MEMBER_NAMES.values()}
+    report = (run / "report.md").read_text()
+    assert "AUROC" in report and "DERNet" in report and "p" in report
+    dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
+    assert dernet.tau == pytest.approx(metrics["tau"]) and dernet.image_sizes["resnet50"] == 32
+
+
+@pytest.mark.parametrize("stage", ["det", "seg"])
+def test_det_seg_tiny_run_writes_every_output(synthetic_root, tmp_path, stage):
+    assert _run_main(_args(synthetic_root, tmp_path, stage, "t")) == 0
+    run = tmp_path / stage / "t"
+    for f in DET_FILES + (("masks.png",) if stage == "seg" else ()):
+        assert (run / f).is_file(), f
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["test"]["ap50"]) == 7 and math.isfinite(metrics["test"]["map50"])
+    assert (metrics["test_mask"] is not None) == (stage == "seg")
+    assert (run / "detections.csv").read_text().startswith("image_id,class,lt_code,score,x1,y1,x2,y2")
+    report = (run / "report.md").read_text()
+    assert "LT2" in report and "LT13" in report and "mAP@0.5" in report
+
+
+def _kill_after_first_epoch(argv, marker: Path) -> None:
+    """Start a training run, SIGKILL it once its first per-epoch checkpoint exists (mid-epoch 2)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["det", "cls"])
+def test_sigkill_then_resume_equals_uninterrupted(synthetic_root, tmp_path, stage):
+    """Issue 10: kill -9 mid-run, --resume, and the final weights equal an uninterrupted run's (CPU)."""
+    extra = ["--epochs", "3"] if stage == "det" else []
+    whole = _cli(_args(synthetic_root, tmp_path, stage, "whole", *extra))
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / stage / "cut"
+    marker = run / ("last.pt" if stage == "det" else "efficientnet_v2_s_last.pt")
+    _kill_after_first_epoch(_args(synthetic_root, tmp_path, stage, "cut", *extra), marker)
+    assert not (run / "metrics.json").exists()  # really interrupted
+    resumed = _cli(["--stage", stage, "--resume", str(run), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    files = ["best.pt", "last.pt"] if stage == "det" else [f"member_{n}.pt" for n in train.MEMBERS] + ["dernet.pt"]
+    for f in files:
+        key = "state_dict" if f == "dernet.pt" else "model"
+        a = torch.load(tmp_path / stage / "whole" / f, weights_only=True)[key]
+        b = torch.load(run / f, weights_only=True)[key]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f, k)
+    m_whole = json.loads((tmp_path / stage / "whole" / "metrics.json").read_text())
+    m_cut = json.loads((run / "metrics.json").read_text())
+    assert m_whole["test"] == m_cut["test"]
+
+
+@pytest.mark.parametrize("stage", ["cls", "det"])
+def test_torchrun_two_cpu_processes(synthetic_root, tmp_path, stage):
+    """Issue 10: 2 gloo ranks finish, hold identical weights, and their gathered evaluation equals a
+    single-process evaluation of the same checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *_args(synthetic_root, tmp_path, stage, "ddp")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / stage / "ddp"
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert ranks.pop("world") == 2 and ranks and all(ranks.values())
+    metrics = json.loads((run / "metrics.json").read_text())
+    cfg = train.TrainConfig(**json.loads((run / "config.json").read_text()))
+    splits = train.load_splits(cfg, synthetic_root, cfg.fold)
+    cache = train.ImageCache(cfg.cache_dir)
+    rt = train.Runtime()  # one CPU process
+    if stage == "cls":
+        dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
+        ds = train.ClassificationDataset(splits.test, cfg.cls_imgsz, cache)
+        probs = train.predict_probs(train.dernet_prob_fn(dernet), ds, cfg, rt, 4)
+        single = train.auroc(ds.labels, probs @ dernet.omega.numpy())
+        assert metrics["test"]["models"]["DERNet"]["auroc"] == pytest.approx(single, abs=1e-6)
+    else:
+        ckpt = train.load_checkpoint(run / "best.pt", "det", 7)
+        model = train.YOLO11(nc=7, scale=cfg.scale)
+        model.load_state_dict(ckpt["model"])
+        ds = train.DetectionDataset(splits.test, cfg.det_imgsz, cache)
+        box, *_ = train.evaluate_detector(model, ds, cfg, rt, False)
+        assert box["map50"] == pytest.approx(metrics["test"]["map50"], abs=1e-9)
+        assert box["n_det"] == metrics["test"]["n_det"]
+
+
+def test_checkpoint_errors_are_one_line(tmp_path, synthetic_root):
+    ckpt = {"stage": "det", "nc": 7, "model": {}}
+    path = train.save_checkpoint(ckpt, tmp_path / "det.pt")
+    for kwargs, needle in (({"stage": "seg"}, "'det' checkpoint"), ({"nc": 3}, "7 classes")):
+        with pytest.raises(train.CheckpointError, match=needle) as err:
+            train.load_checkpoint(path, **kwargs)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(train.CheckpointError, match="unreadable checkpoint") as err:
+        train.load_checkpoint(truncated)
+    assert "\n" not in str(err.value)
+    # through the command line: exit 2 with one line naming the file
+    proc = _cli(["--stage", "seg", "--data", str(synthetic_root), "--init-from", str(truncated), "--out",
+                 str(tmp_path), "--no-progress"])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ") and "truncated.pt" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_losses_skip_then_abort():
+    cfg = train.TrainConfig(max_bad_steps=3)
+    rt = train.Runtime()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    bad = train.skip_bad_step(opt, 0, cfg, rt)
+    bad = train.skip_bad_step(opt, bad, cfg, rt)
+    with pytest.raises(train.TrainingDiverged, match="3 non-finite"):
+        train.skip_bad_step(opt, bad, cfg, rt)
