@@ -1,17 +1,37 @@
-"""Tests for infer.py. Explanations: Grad-CAM (against pytorch_grad_cam when installed, and against a
-hand-computed map), hook hygiene, inference mode, threads; LIME determinism and faithfulness; overlays."""
+"""Tests for infer.py.
+
+Explanations: Grad-CAM (against pytorch_grad_cam when installed, and against a hand-computed map), hook
+hygiene, inference mode, threads; LIME determinism and faithfulness; overlays.
+Cascade (on conftest's tiny checkpoints): results equal train.py's evaluation path (scores, boxes, masks);
+the detector runs only when S > tau; boxes map back through the letterbox to original pixels, also from a
+reduced JPEG 2000 decode; COCO RLE against pycocotools; the JSON schema; --study; bad files and exit
+codes; the no-checkpoint message; precision choice; the ONNX export round trip against torch.
+
+    python -m pytest -q tests/test_infer.py
+"""
 import base64
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
+import pydicom
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pycocotools import mask as coco_mask
+from torchvision.ops import box_iou
 
 import infer
-from dernet import ARCHS, MEMBERS, DERNet, Member
+from data import CLASSES, ClassificationDataset, DataConfig, DetectionDataset, load_image, load_split, write_dicom
+from dernet import ARCHS, MEMBERS, DERNet, Member, load_dernet, save_dernet
+from train import Runtime, TrainConfig, load_checkpoint, predict_detections, save_checkpoint
+from yolo11 import YOLO11, YOLO11Seg
 
 CAM_SIZE = 128   # 4 x 4 final feature maps for all three members (stride 32)
 
@@ -70,6 +90,12 @@ class TinyNet(nn.Module):
     def forward(self, x):
         a = F.relu(self.features(x), inplace=True)          # (B, 3, h, w)
         return (a.pow(2).mean(dim=(2, 3)) * self.w).sum(1)  # (B,)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synthetic_set_first(synthetic_root):
+    """Write conftest's synthetic set before this module's first OpenCV call: data.make_synthetic forks
+    worker processes, and a fork after OpenCV has started its pthreads pool deadlocks in the child."""
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +320,429 @@ def test_overlays_and_png_base64():
     assert decoded.dtype == np.uint8 and decoded.max() == 255 and decoded.min() == 0
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         infer.encode_png(cam)
+
+
+# --- cascade: fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = 0.25                 # InferConfig's default display confidence, also used for the evaluation path
+PATIENT_TAG = "SYNTHETIC"   # PatientName / PatientID of every synthetic DICOM: must never be printed
+
+
+def confident_detector(src: Path, dst: Path, records: list) -> Path:
+    """An untrained conftest detector made to output well-separated scores and varied boxes, so results
+    can be compared box by box: BatchNorm statistics recalibrated on detector inputs of `records` (an
+    untrained network's activations otherwise vanish with depth), class logits scaled and shifted, DFL
+    bins biased towards short distances."""
+    ckpt = load_checkpoint(src)
+    model = (YOLO11Seg if ckpt["stage"] == "seg" else YOLO11)(nc=ckpt["nc"], scale=ckpt["scale"])
+    model.load_state_dict(ckpt["model"])
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None                      # cumulative average over the calibration batch
+    S = ckpt["imgsz"]
+    hyp = DataConfig()
+    views = [infer.detector_view(img, img.shape, S, hyp.clahe_clip, hyp.clahe_tiles, hyp.pad_value)[0]
+             for img in (load_image(r.path)[0] for r in records)]
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(np.stack(views))[:, None].expand(-1, 3, -1, -1))   # (N, 3, S, S)
+        for cls in model.head.cls:
+            cls[-1].weight.mul_(3.0)
+            cls[-1].bias.fill_(-2.5)
+        for box in model.head.box:
+            box[-1].bias.copy_((-0.3 * torch.arange(16.0)).repeat(4))
+    save_checkpoint({**ckpt, "model": model.eval().state_dict()}, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def detectors(tiny_models, synthetic_root, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("detectors")
+    calibration = load_split(synthetic_root, "train")[:8]
+    return {stage: confident_detector(getattr(tiny_models, f"{stage}_ckpt"), out / f"{stage}.pt", calibration)
+            for stage in ("det", "seg")}
+
+
+def make_pipe(tiny_models, det_ckpt, **kw) -> infer.Pipeline:
+    fields = dict(cls_ckpt=str(tiny_models.cls_ckpt), det_ckpt=str(det_ckpt), precision="fp32", device="cpu",
+                  fast_decode=False)
+    return infer.Pipeline(infer.InferConfig(**{**fields, **kw}))
+
+
+@pytest.fixture(scope="module")
+def det_pipe(tiny_models, detectors) -> infer.Pipeline:
+    return make_pipe(tiny_models, detectors["det"])
+
+
+@pytest.fixture(scope="module")
+def seg_pipe(tiny_models, detectors) -> infer.Pipeline:
+    return make_pipe(tiny_models, detectors["seg"])
+
+
+@pytest.fixture(scope="module")
+def test_records(synthetic_root) -> list:
+    return load_split(synthetic_root, "test")[:3]
+
+
+def cli(*argv) -> int:
+    return infer.main(infer.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def assert_same_boxes(boxes: list[dict], reference: np.ndarray, score_tol: float = 1e-4) -> list[int]:
+    """Result boxes vs (N, 6) [x1, y1, x2, y2, score, cls]: same count, each matched to the reference box
+    of its class with the closest score (boxes clipped to the image may coincide), which must be within
+    score_tol and overlap with IoU > 0.99. Returns the matching reference row of each box."""
+    assert len(boxes) == len(reference)
+    matches = []
+    for b in boxes:
+        gap = np.abs(reference[:, 4] - b["score"]) + np.where(reference[:, 5] == b["class_id"], 0, np.inf)
+        k = int(np.argmin(gap))
+        iou = box_iou(torch.tensor([b["box"]], dtype=torch.float64), torch.from_numpy(reference[k:k + 1, :4]))
+        assert gap[k] < score_tol and iou.item() > 0.99
+        matches.append(k)
+    assert len(set(matches)) == len(matches)
+    return matches
+
+
+# --- cascade: results equal evaluation, Eq. 2, the tau gate
+
+def test_results_equal_the_evaluation_path(det_pipe, test_records):
+    """Scores: ClassificationDataset + DERNet (train.py's evaluation); boxes: train.predict_detections."""
+    dataset = ClassificationDataset(test_records, det_pipe.cls_size)
+    model, _ = infer.load_detector(det_pipe.det_path)
+    cfg = TrainConfig(eval_conf=CONF, det_batch=2, workers=0, progress=False)
+    dets, _ = predict_detections(model, DetectionDataset(test_records, det_pipe.det_meta["imgsz"]), cfg, Runtime(),
+                                 seg=False)
+    n_boxes = 0
+    for i, record in enumerate(test_records):
+        r = det_pipe.analyze(record.path, cascade=False).result
+        with torch.inference_mode():
+            expected = det_pipe.dernet.member_probs(dataset[i][0][None].contiguous())[0]
+        assert r["score"] == pytest.approx(float(expected @ det_pipe.dernet.omega), abs=1e-5)
+        assert list(r["member_probs"].values()) == pytest.approx(expected.tolist(), abs=1e-5)
+        assert r["score"] == pytest.approx(sum(w * p for w, p in zip(det_pipe.dernet.omega.tolist(),
+                                                                    r["member_probs"].values())), abs=1e-6)   # Eq. 2
+        assert_same_boxes(r["boxes"], dets[record.image_id])
+        n_boxes += len(r["boxes"])
+    assert n_boxes > 0   # the comparison was not vacuous
+
+
+def test_detector_runs_only_above_tau(det_pipe, test_records, monkeypatch):
+    calls = []
+    detect = det_pipe.backend.detect
+    monkeypatch.setattr(det_pipe.backend, "detect", lambda x: calls.append(x.shape) or detect(x))
+    path = test_records[0].path
+    monkeypatch.setattr(det_pipe, "tau", 1.0)               # S <= 1 = tau: every study is normal
+    r = det_pipe.analyze(path).result
+    assert (r["decision"], r["detector_ran"], r["boxes"], r["threshold"]) == ("normal", False, [], 1.0)
+    assert calls == [] and r["timings_ms"]["detector"] == 0.0
+    monkeypatch.setattr(det_pipe, "tau", r["score"] - 1e-6)  # S > tau: abnormal, the detector runs once
+    r = det_pipe.analyze(path).result
+    assert (r["decision"], r["detector_ran"]) == ("abnormal", True) and len(calls) == 1 and r["boxes"]
+    monkeypatch.setattr(det_pipe, "tau", 1.0)               # --no-cascade: whatever S
+    assert det_pipe.analyze(path, cascade=False).result["detector_ran"] and len(calls) == 2
+
+
+# --- geometry: letterbox -> original pixels, reduced decodes, RLE
+
+def fake_detections(pipe, monkeypatch, box_orig, orig_hw, cls: int = 2, score: float = 0.9):
+    """Replace the detector by one that outputs a single box at box_orig's letterbox position, computed
+    here independently of data.py: x_lb = x * S / max(H, W) + (S - round(W * S / max(H, W))) // 2."""
+    S, (H, W) = pipe.det_meta["imgsz"], orig_hw
+    r = S / max(H, W)
+    pad_x, pad_y = (S - round(W * r)) // 2, (S - round(H * r)) // 2
+    x1, y1, x2, y2 = box_orig[0] * r + pad_x, box_orig[1] * r + pad_y, box_orig[2] * r + pad_x, box_orig[3] * r + pad_y
+    pred = torch.zeros(1, 4 + len(CLASSES), 1)
+    pred[0, :4, 0] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+    pred[0, 4 + cls, 0] = score
+    monkeypatch.setattr(pipe.backend, "detect", lambda x: (pred, None))
+
+
+def test_boxes_map_back_to_original_pixels(det_pipe, tmp_path, monkeypatch):
+    # a wide PNG (letterbox pads top and bottom) and a tall 12-bit JPEG 2000 DICOM decoded at 1/4 size
+    rng = np.random.default_rng(0)
+    png = tmp_path / "wide.png"
+    cv2.imwrite(str(png), rng.integers(0, 255, (90, 150), dtype=np.uint8))
+    dcm = write_dicom(tmp_path / "tall.dcm", rng.integers(0, 4096, (300, 260)).astype(np.uint16), compress=True)
+    box = [40.0, 60.0, 120.0, 220.0]
+    monkeypatch.setattr(det_pipe, "reduce_to", det_pipe.cls_size)   # the fast decode of a 64-px model
+    for path, hw, scale in ((png, (90, 150), 1.0), (dcm, (300, 260), 0.25)):
+        expected = [min(v, hw[k % 2 == 0] - 1) for k, v in enumerate(box)]   # inside the image: x < W, y < H
+        fake_detections(det_pipe, monkeypatch, expected, hw)
+        analysis = det_pipe.analyze(path, cascade=False)
+        r = analysis.result
+        assert r["image_size"] == list(hw) and len(r["boxes"]) == 1
+        assert r["boxes"][0]["box"] == pytest.approx(expected, abs=0.01)
+        assert (r["boxes"][0]["class"], r["boxes"][0]["lt_code"]) == (CLASSES[2], "LT6")
+        assert analysis.scale == pytest.approx(scale) and analysis.image.shape[1] == round(hw[1] * scale)
+        # drawn at decode resolution: the left edge of the box, below its label, has the class colour
+        rgb = det_pipe.render(analysis)
+        assert rgb.shape == (*analysis.image.shape, 3) and rgb.dtype == np.uint8
+        x, y = round(expected[0] * scale), round(expected[1] * scale) + 3
+        assert tuple(rgb[y, x]) == infer.CLASS_COLOURS[2]
+
+
+def test_rle_against_pycocotools():
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((37, 23)) > 0.6, np.ones((5, 7), bool), np.zeros((4, 9), bool)):
+        mask[0, 0] = mask[0, 0] if mask.all() or not mask.any() else True   # a run of 1s first: counts[0] = 0
+        rle = infer.rle_encode(mask)
+        assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
+        ours = coco_mask.frPyObjects(rle, *mask.shape)          # pycocotools reads ours ...
+        assert ours["counts"] == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]  # ... = its own
+        assert coco_mask.area(ours) == mask.sum()
+        np.testing.assert_array_equal(infer.rle_decode(rle), mask)
+
+
+def test_segmentation_masks_equal_evaluation_in_original_pixels(seg_pipe, test_records):
+    record = test_records[0]
+    model, _ = infer.load_detector(seg_pipe.det_path)
+    cfg = TrainConfig(eval_conf=CONF, det_batch=1, workers=0, progress=False)
+    dets, masks = predict_detections(model, DetectionDataset(test_records[:1], seg_pipe.det_meta["imgsz"]), cfg,
+                                     Runtime(), seg=True)
+    analysis = seg_pipe.analyze(record.path, cascade=False)
+    r = analysis.result
+    H, W = r["image_size"]
+    matches = assert_same_boxes(r["boxes"], dets[record.image_id])
+    region = masks[record.image_id]                                   # (N, new_h, new_w) image region
+    assert len(r["boxes"]) > 0 and region.shape[0] == len(r["boxes"])
+    for b, k in zip(r["boxes"], matches):
+        ours = infer.rle_decode(b["mask"])
+        assert ours.shape == (H, W)
+        assert (coco_mask.frPyObjects(b["mask"], H, W)["counts"]
+                == coco_mask.encode(np.asfortranarray(ours.astype(np.uint8)))["counts"])
+        # reference: the region mask scaled to the original size (nearest, pixel centres), cut to the box
+        full = cv2.resize(region[k].astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
+        x1, y1, x2, y2 = b["box"]
+        ys, xs = np.mgrid[:H, :W]
+        full &= (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        union = (full | ours).sum()
+        assert union == 0 or (full & ours).sum() / union > 0.99
+    rgb = seg_pipe.render(analysis)
+    assert rgb.shape == (H, W, 3)
+
+
+# --- command line: JSON schema, summary, --study, bad files, no checkpoint, explanations
+
+RESULT_KEYS = {"file", "image_size", "score", "threshold", "decision", "member_probs", "detector_ran", "boxes",
+               "timings_ms", "backend", "precision"}
+BOX_KEYS = {"class_id", "class", "lt_code", "score", "box"}
+
+
+def check_result_schema(r: dict, seg: bool = False):
+    assert set(r) == RESULT_KEYS
+    assert isinstance(r["file"], str) and len(r["image_size"]) == 2 and all(isinstance(v, int) for v in r["image_size"])
+    assert 0 <= r["score"] <= 1 and isinstance(r["threshold"], float)
+    assert r["decision"] == ("abnormal" if r["score"] > r["threshold"] else "normal")
+    assert list(r["member_probs"]) == list(MEMBERS)
+    assert set(r["timings_ms"]) == {"decode", "preprocess", "dernet", "detector", "total"}
+    assert r["timings_ms"]["total"] >= r["timings_ms"]["dernet"] + r["timings_ms"]["detector"]
+    assert (r["backend"], r["precision"]) == ("torch", "fp32")
+    for b in r["boxes"]:
+        assert set(b) == BOX_KEYS | ({"mask"} if seg else set())
+        H, W = r["image_size"]
+        assert 0 <= b["box"][0] <= b["box"][2] <= W and 0 <= b["box"][1] <= b["box"][3] <= H
+        assert b["class"] == CLASSES[b["class_id"]] and b["lt_code"].startswith("LT") and CONF < b["score"] <= 1
+
+
+def test_json_schema_and_summary(tiny_models, detectors, test_records, capsys):
+    common = ["--cls-ckpt", tiny_models.cls_ckpt, "--det-ckpt", detectors["seg"], "--precision", "fp32",
+              "--device", "cpu", "--no-cascade"]
+    paths = [r.path for r in test_records[:2]]
+    assert cli(*paths, *common, "--json") == 0
+    out = capsys.readouterr().out
+    results = json.loads(out)
+    assert [r["file"] for r in results] == [str(p) for p in paths]
+    for r in results:
+        check_result_schema(r, seg=True)
+        assert r["detector_ran"]
+    assert PATIENT_TAG not in out
+    assert cli(paths[0], *common) == 0
+    text = capsys.readouterr().out
+    assert f"score S = {results[0]['score']:.4f}" in text and "tau = " in text and PATIENT_TAG not in text
+    assert all(f"{b['lt_code']:<5} {b['class']:<22} {b['score']:.2f}" in text for b in results[0]["boxes"])
+
+
+def test_study_decision_is_the_max_view_score(tiny_models, detectors, det_pipe, test_records, tmp_path, capsys):
+    paths = [r.path for r in test_records[:2]]
+    scores = [det_pipe.analyze(p).result["score"] for p in paths]
+    assert scores[0] != scores[1]
+    dernet = load_dernet(tiny_models.cls_ckpt)
+    dernet.tau = sum(scores) / 2                      # one view above tau, the other not
+    save_dernet(dernet, tmp_path / "dernet.pt")
+    common = ["--cls-ckpt", tmp_path / "dernet.pt", "--det-ckpt", detectors["det"], "--precision", "fp32",
+              "--device", "cpu", "--no-fast-decode", "--study"]
+    assert cli(*paths, *common, "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    study, views = out["study"], out["images"]
+    k = int(np.argmax(scores))
+    assert study["score"] == pytest.approx(max(scores)) and study["decision"] == "abnormal"
+    assert study["threshold"] == pytest.approx(dernet.tau) and study["max_view"] == str(paths[k])
+    assert study["files"] == [str(p) for p in paths] and study["views"] == 2
+    assert [v["decision"] for v in views] == ["abnormal" if s > dernet.tau else "normal" for s in scores]
+    assert all(v["detector_ran"] for v in views)      # the normal-looking view of an abnormal study too
+    assert study["boxes"] == sum(len(v["boxes"]) for v in views) > 0
+    assert cli(*paths, *common) == 0
+    assert "study of 2 views" in capsys.readouterr().out
+
+
+def test_bad_files_are_reported_and_the_rest_processed(tiny_models, detectors, test_records, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = folder / "view.dicom"
+    good.write_bytes(test_records[0].path.read_bytes())
+    (folder / "noext").write_bytes(test_records[1].path.read_bytes())   # an extension-less DICOM is found
+    (folder / "broken.dcm").write_bytes(b"\x00" * 64 + b"not a dicom")
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "notes.txt").write_text("not an image: skipped in folders")
+    missing = tmp_path / "missing.dcm"
+    rc = cli(folder, missing, "--cls-ckpt", tiny_models.cls_ckpt, "--det-ckpt", detectors["det"], "--json",
+             "--precision", "fp32", "--device", "cpu")
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert sorted(Path(r["file"]).name for r in json.loads(out)) == ["noext", "view.dicom"]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 3
+    for name in ("broken.dcm", "truncated.png", "missing.dcm"):
+        assert sum(name in line for line in lines) == 1
+    assert "Traceback" not in err and "notes.txt" not in err
+
+
+def test_no_checkpoint_and_bad_checkpoint_messages(tmp_path, tiny_models):
+    empty = tmp_path / "runs"
+    empty.mkdir()
+    png = tmp_path / "x.png"
+    cv2.imwrite(str(png), np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    proc = subprocess.run([sys.executable, "infer.py", str(png), "--runs", str(empty)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: no trained DERNet checkpoint under {empty / 'cls'}; "
+                                               f"train one with: python train.py --stage cls"]
+    garbage = tmp_path / "dernet.pt"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(infer.InferError, match="dernet.pt: not a readable PyTorch checkpoint"):
+        infer.Pipeline(infer.InferConfig(cls_ckpt=str(garbage), runs=str(empty)))
+    with pytest.raises(infer.InferError, match=r"dernet.pt: not a training checkpoint.*train.py --stage det"):
+        infer.Pipeline(infer.InferConfig(cls_ckpt=str(tiny_models.cls_ckpt), det_ckpt=str(tiny_models.cls_ckpt)))
+
+
+def test_explanations_from_the_cli(tiny_models, detectors, det_pipe, test_records, tmp_path, capsys):
+    path = test_records[0].path
+    assert cli(path, "--cls-ckpt", tiny_models.cls_ckpt, "--det-ckpt", detectors["det"], "--precision", "fp32",
+               "--device", "cpu", "--no-fast-decode", "--save", tmp_path / "out", "--json", "--explain", "all",
+               "--lime-samples", 6) == 0
+    r = json.loads(capsys.readouterr().out)[0]
+    stem = path.stem
+    expected = {f"{stem}.png", f"{stem}_gradcam.png", f"{stem}_lime.png", *(f"{stem}_gradcam_{m}.png" for m in MEMBERS)}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == expected
+    annotated = cv2.imread(str(tmp_path / "out" / f"{stem}.png"))
+    assert annotated.shape[:2] == tuple(r["image_size"])   # full decode: original size
+    decode = lambda b64: cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
+    for method in ("gradcam", "lime"):
+        e = r["explanations"][method]
+        assert e["method"] == method and e["time_ms"] > 0
+        h, w = e["size"]
+        assert max(h, w) == det_pipe.cls_size                 # the classifier's view, without its padding
+        assert decode(e["overlay"]).shape == (h, w, 3) and decode(e["map"]).shape == (h, w)
+        on_disk = cv2.imread(str(tmp_path / "out" / f"{stem}_{method}.png"))
+        np.testing.assert_array_equal(on_disk, decode(e["overlay"]))
+    assert set(r["explanations"]["gradcam"]["members"]) == set(MEMBERS)
+    with pytest.raises(infer.InferError, match="unknown explanation"):
+        det_pipe.explain(det_pipe.analyze(path), "shap")
+
+
+def test_health(det_pipe, seg_pipe):
+    h = det_pipe.health()
+    assert set(h) == {"ready", "backend", "precision", "device", "dernet", "detector"}
+    assert (h["ready"], h["backend"], h["precision"], h["device"]) == (True, "torch", "fp32", "cpu")
+    assert h["dernet"]["members"] == list(MEMBERS) and h["dernet"]["omega"] == pytest.approx([0.42, 0.32, 0.26])
+    assert set(h["dernet"]) == {"members", "omega", "tau", "image_sizes", "file"}
+    assert set(h["detector"]) == {"stage", "scale", "names", "lt_codes", "imgsz", "file"}
+    assert (h["detector"]["stage"], seg_pipe.health()["detector"]["stage"]) == ("det", "seg")
+    json.dumps(h)
+
+
+# --- precision and fast decode (issue 11)
+
+def test_precision_choice(monkeypatch):
+    assert not infer.native_bf16("AVX2", "flags\t\t: fpu sse avx2 fma\n")
+    assert infer.native_bf16("AVX512", "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert infer.native_bf16("AVX512", "flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert infer.native_bf16("AVX512_BF16", "")
+    cpu = torch.device("cpu")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(infer, "native_bf16", lambda: native)
+        assert infer.resolve_precision("auto", cpu, "torch") == expected
+    assert infer.resolve_precision("bf16", cpu, "torch") == "bf16"      # selectable explicitly anywhere
+    assert infer.resolve_precision("auto", cpu, "onnx") == "fp32"
+    with pytest.raises(infer.InferError, match="CUDA"):
+        infer.resolve_precision("fp16", cpu, "torch")
+    with pytest.raises(infer.InferError, match="torch-backend"):
+        infer.resolve_precision("bf16", cpu, "onnx")
+
+
+def test_bf16_and_fast_decode_stay_close_to_fp32_full_decode(tiny_models, detectors, det_pipe, synthetic_root,
+                                                             monkeypatch):
+    path = next(r.path for r in load_split(synthetic_root, "test")
+                if pydicom.dcmread(r.path, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed)
+    reference = det_pipe.analyze(path, cascade=False).result
+    monkeypatch.setattr(det_pipe, "reduce_to", det_pipe.cls_size)           # what fast_decode=True sets
+    fast = det_pipe.analyze(path, cascade=False)
+    H, W = reference["image_size"]
+    assert det_pipe.cls_size <= max(fast.image.shape) < max(H, W)   # a reduced level, never below the model
+    assert fast.scale == pytest.approx(fast.image.shape[1] / W) and fast.result["image_size"] == [H, W]
+    assert abs(fast.result["score"] - reference["score"]) < 0.01           # issue 11's accuracy guard
+    bf16 = make_pipe(tiny_models, detectors["det"], precision="bf16")
+    r = bf16.analyze(path, cascade=False).result
+    assert r["precision"] == "bf16" and abs(r["score"] - reference["score"]) < 0.02
+    assert len(r["boxes"]) > 0
+
+
+# --- ONNX export round trip (one export per module: the three members make it the slowest step)
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_models, detectors, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx")
+    assert cli("--export", "onnx", "--out", out, "--cls-ckpt", tiny_models.cls_ckpt,
+               "--det-ckpt", detectors["seg"]) == 0
+    return out
+
+
+def test_onnx_files_are_self_contained_with_metadata(onnx_dir, seg_pipe):
+    import onnxruntime as ort
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["dernet.onnx", "detector.onnx"]   # no external data
+    for name in ("dernet.onnx", "detector.onnx"):
+        model = onnx.load(str(onnx_dir / name))
+        onnx.checker.check_model(model)
+        assert {o.domain: o.version for o in model.opset_import}[""] == infer.ONNX_OPSET
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param      # dynamic batch axis
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_dir / "dernet.onnx")).metadata_props}
+    assert meta["tau"] == seg_pipe.tau and meta["omega"] == pytest.approx([0.42, 0.32, 0.26])
+    assert meta["image_sizes"] == seg_pipe.dernet.image_sizes and meta["preprocess"]["clahe_clip_limit"] == 2.0
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_dir / "detector.onnx")).metadata_props}
+    assert meta["class_names"] == list(CLASSES) and meta["lt_codes"][0] == "LT2" and meta["strides"] == [8, 16, 32]
+    assert meta["stage"] == "seg" and meta["nms_iou"] == 0.5 and "pad_value" in meta["preprocess"]
+    session = ort.InferenceSession(str(onnx_dir / "detector.onnx"), providers=["CPUExecutionProvider"])
+    S = seg_pipe.det_meta["imgsz"]
+    out = session.run(None, {"images": np.random.default_rng(0).random((3, 3, S, S), np.float32)})   # batch 3
+    assert out[0].shape[:2] == (3, 4 + len(CLASSES) + 32) and out[1].shape == (3, 32, S // 4, S // 4)
+
+
+def test_onnx_backend_equals_torch(onnx_dir, tiny_models, detectors, seg_pipe, test_records):
+    pipe = make_pipe(tiny_models, detectors["seg"], backend="onnx", onnx_dir=str(onnx_dir))
+    assert pipe.health()["backend"] == "onnx" and pipe.precision == "fp32"
+    n_boxes = 0
+    for record in test_records[:2]:
+        a, b = (p.analyze(record.path, cascade=False).result for p in (pipe, seg_pipe))
+        assert abs(a["score"] - b["score"]) < 1e-4 and a["backend"] == "onnx"
+        assert list(a["member_probs"].values()) == pytest.approx(list(b["member_probs"].values()), abs=1e-4)
+        reference = np.array([[*x["box"], x["score"], x["class_id"]] for x in b["boxes"]]).reshape(-1, 6)
+        for box, k in zip(a["boxes"], assert_same_boxes(a["boxes"], reference)):
+            ma, mb = infer.rle_decode(box["mask"]), infer.rle_decode(b["boxes"][k]["mask"])
+            assert (ma & mb).sum() >= 0.99 * (ma | mb).sum()
+        n_boxes += len(a["boxes"])
+    assert n_boxes > 0
+    with pytest.raises(infer.InferError, match="exported from another checkpoint"):
+        make_pipe(tiny_models, detectors["det"], backend="onnx", onnx_dir=str(onnx_dir))
