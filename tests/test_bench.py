@@ -1,0 +1,164 @@
+"""Tests for bench.py: every sub-benchmark runs in its tiny --quick configuration and reports a markdown
+table and its figures in JSON; the helpers (timing, marks, ONNX runner, synthetic targets); user mistakes
+exit 2 with one line. No timed assertions: the speed targets live in bench.py."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bench
+
+
+def run_bench(capsys, tmp_path, *argv) -> tuple[int, str, str, dict | None]:
+    """bench.main in this process with --quick, one thread (tiny models gain nothing from more, and a
+    shared CPU loses much) and --json -> (exit status, stdout, stderr, JSON report). The thread count
+    is restored afterwards."""
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        rc = bench.main(bench.get_args_parser().parse_args([*argv, "--quick", "--threads", "1", "--json", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err, json.loads(out.read_text()) if out.exists() else None
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """Body rows of every markdown table in the text."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= {"-"} for c in r)]
+
+
+# --- helpers
+
+
+def test_time_calls_warms_up_then_times_each_run():
+    calls = []
+    t = bench.time_calls(lambda: calls.append(1), runs=3, warmup=2)
+    assert len(calls) == 5 and len(t.times) == 3
+    assert min(t.times) <= t.median <= max(t.times)
+    assert set(t.to_json()) == {"median_s", "min_s", "max_s", "runs"}
+
+
+def test_mark():
+    assert bench.mark(0.3, 0.4) == "pass"
+    assert bench.mark(0.4, 0.4) == "pass"
+    assert bench.mark(0.5, 0.4) == "MISS"
+    assert bench.mark(0.5, 0.4, applies=False) == "-"
+    assert bench.mark(None, 0.4) == "-" and bench.mark(0.5, None) == "-"
+
+
+def test_synthetic_targets_are_boxes_inside_the_image():
+    t = bench.synthetic_targets(batch=3, n=4, imgsz=64, nc=7, seed=0)
+    assert t.shape == (12, 6)
+    assert t[:, 0].tolist() == [i for i in range(3) for _ in range(4)]
+    assert ((t[:, 1] >= 0) & (t[:, 1] < 7)).all()
+    assert (t[:, 2:] >= 0).all() and (t[:, 2:] <= 64).all()
+    assert (t[:, 4] > t[:, 2]).all() and (t[:, 5] > t[:, 3]).all()
+
+
+def test_onnx_runner_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SiLU()).eval()
+    x = torch.rand(1, 3, 16, 16)
+    run = bench.onnx_runner(model, x, tmp_path / "m.onnx", bench.BenchConfig(), torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert abs(run()[0] - expected).max() < 1e-5
+
+
+# --- sub-benchmarks, --quick
+
+
+def test_machine(capsys, tmp_path):
+    rc, out, _, report = run_bench(capsys, tmp_path, "machine")
+    assert rc == 0 and "## machine" in out
+    data = report["sections"]["machine"]
+    assert data["torch_threads"] == 1  # --threads 1
+    assert data["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    cpu = [m for m in data["matmul"] if m["device"] == "cpu"]
+    assert [m["dtype"] for m in cpu] == ["float32", "bfloat16"][: 1 + bench.bf16_native(torch.device("cpu"))]
+    assert all(m["gflops"] > 0 and m["runs"] == bench.QUICK["runs"] for m in cpu)
+
+
+def test_decode(capsys, tmp_path):
+    rc, out, _, report = run_bench(capsys, tmp_path, "decode")
+    assert rc == 0 and "## decode" in out
+    rows = {r["what"]: r for r in report["sections"]["decode"]["rows"]}
+    full = rows["full decode (load_image)"]["shape"]
+    assert full == list(bench.QUICK["dicom_hw"])
+    size = bench.QUICK["reduce_to"][0]
+    reduced = rows[f"reduced decode (reduce_to={size})"]["shape"]
+    assert size <= max(reduced) < max(full)  # a lower JPEG 2000 resolution level, never below the model size
+    assert rows[f"ImageCache hit (fast decode, {size} px)"]["shape"] == rows[
+        f"ImageCache miss (fast decode, {size} px, CLAHE, write)"]["shape"]
+
+
+def test_members(capsys, tmp_path):
+    rc, out, _, report = run_bench(capsys, tmp_path, "members")
+    assert rc == 0 and "## members" in out
+    rows = report["sections"]["members"]["rows"]
+    assert [r["model"] for r in rows] == [*bench.MEMBERS, "DERNet (3 members, Eq. 2)"]
+    assert all(r["size"] == bench.QUICK["member_sizes"][0] and r["fp32"]["median_s"] > 0 for r in rows)
+    assert all((r["bf16"] is not None) == bench.bf16_native(torch.device("cpu")) for r in rows)
+
+
+def test_yolo(capsys, tmp_path):
+    rc, out, _, report = run_bench(capsys, tmp_path, "yolo", "--no-onnx")  # ONNX: test_onnx_runner_matches_torch
+    assert rc == 0 and "## yolo" in out
+    data = report["sections"]["yolo"]
+    ours = [r for r in data["rows"] if r["impl"] == "ours"]
+    assert [r["variant"] for r in ours] == [v[0] for v in bench.yolo_variants(torch.device("cpu"))]
+    assert all(r["gflops"] > 0 and r["mark"] == "-" for r in ours)  # --quick: no target applies
+    published = [r for r in data["rows"] if r["impl"] == "published"]
+    assert published  # timed, or a row saying why it was skipped
+    assert data["gflops_per_forward"]["7"] > 0
+
+
+def test_train_step(capsys, tmp_path):
+    rc, out, _, report = run_bench(capsys, tmp_path, "train-step")
+    assert rc == 0 and "## train-step" in out
+    (row,) = report["sections"]["train-step"]["rows"]
+    assert row["batch"] == bench.BenchConfig.train_batch and row["amp"] is False and row["images_per_s"] > 0
+
+
+def test_infer(capsys, tmp_path):
+    # --no-onnx: exporting the three members takes longer than this whole file may (ONNX: test_infer.py and
+    # test_onnx_runner_matches_torch); fresh checkpoints, as without --cls-ckpt/--det-ckpt
+    rc, out, _, report = run_bench(capsys, tmp_path, "infer", "--no-onnx")
+    assert rc == 0 and "## infer" in out and "Under 1 s warm" in out
+    data = report["sections"]["infer"]
+    expected = [label for label, _ in bench.infer_settings(bench.BenchConfig(onnx=False))]
+    assert [r["label"] for r in data["results"]] == expected
+    for r in data["results"]:
+        assert r["detector_always_ran"]  # cascade off
+        assert set(bench.STAGES) <= set(r["warm_median"]) and r["warm_median"]["total"] > 0
+        assert len(r["warm_runs"]) == bench.QUICK["runs"] and r["images_per_s"] > 0
+    assert data["results"][0]["precision"] == "fp32"
+
+
+def test_app(capsys, tmp_path, tiny_models):
+    rc, out, _, report = run_bench(capsys, tmp_path, "app", "--cls-ckpt", str(tiny_models.cls_ckpt),
+                                   "--det-ckpt", str(tiny_models.det_ckpt))
+    assert rc == 0 and "## app" in out
+    data = report["sections"]["app"]
+    assert data["alive"] and data["n5xx"] == 0 and data["no_response"] == 0 and data["internal_errors"] == 0
+    assert data["unexpected"] == 0  # every kind got its expected status (200, 400, 404, 411, 415)
+    assert data["requests"] > 0 and data["rss_mib"]["after"] > 0 and data["rss_growth_mib"] is not None
+    assert {"200", "400", "404", "411", "415"} >= set(data["statuses"])
+
+
+# --- user mistakes
+
+
+def test_missing_checkpoint_is_one_line_exit_2(capsys, tmp_path):
+    rc, out, err, report = run_bench(capsys, tmp_path, "infer", "--cls-ckpt", str(tmp_path / "nope.pt"))
+    assert rc == 2 and report is None and out == ""
+    assert err.count("\n") == 1 and "nope.pt" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_exit_2(capsys, tmp_path):
+    rc, _, err, _ = run_bench(capsys, tmp_path, "machine", "--device", "cuda")
+    assert rc == 2 and err.count("\n") == 1 and "CUDA" in err
