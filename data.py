@@ -1602,8 +1602,9 @@ def make_synthetic(out_dir, n_train: int = DataConfig.synth_train, n_test: int =
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     bar = dict(total=len(tasks), desc="synthetic images", disable=not progress, leave=False)
     if workers > 1:  # each image has its own seeded generator: parallel output == sequential output
+        # forkserver/spawn, never fork: a process whose OpenCV thread pool has started deadlocks when forked
         methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             rows = list(tqdm(pool.map(_write_task, tasks, chunksize=2), **bar))
     else:
