@@ -36,6 +36,7 @@ cascade -> ONNX -> rendering -> command line.
 """
 import argparse
 import base64
+import hashlib
 import json
 import math
 import os
@@ -354,6 +355,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 # --- loading: checkpoints, device, precision, models
 
+def file_version(path: Path) -> str:
+    """A checkpoint's version: the first 12 hex digits of its SHA-256 (what /api/health reports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def _newest(paths) -> Path | None:
     files = [p for p in paths if p.is_file()]
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
@@ -630,6 +640,8 @@ class Pipeline:
         check_config(cfg)
         # 1. checkpoints, device, precision
         self.cls_path, self.det_path = find_checkpoints(cfg)
+        self.versions = {"dernet": file_version(self.cls_path),
+                         "detector": file_version(self.det_path) if self.det_path else None}
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.backend)
         # 2. the torch DERNet always (Grad-CAM and LIME need it); the detector's weights and meta
@@ -670,11 +682,12 @@ class Pipeline:
         detector = None
         if self.has_detector:
             detector = {k: self.det_meta[k] for k in ("stage", "scale", "names", "lt_codes", "imgsz")}
-            detector["file"] = str(self.det_path)
+            detector.update(file=str(self.det_path), version=self.versions["detector"])
         return {"ready": True, "backend": self.backend.name, "precision": self.precision,
                 "device": str(self.backend.device),
                 "dernet": {"members": list(self.dernet.members), "omega": [float(w) for w in self.dernet.omega],
-                           "tau": self.tau, "image_sizes": dict(self.dernet.image_sizes), "file": str(self.cls_path)},
+                           "tau": self.tau, "image_sizes": dict(self.dernet.image_sizes), "file": str(self.cls_path),
+                           "version": self.versions["dernet"]},
                 "detector": detector}
 
     # -- Algorithm 1, lines 16-22

@@ -10,6 +10,7 @@ codes; the no-checkpoint message; precision choice; the ONNX export round trip a
     python -m pytest -q tests/test_infer.py
 """
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -658,8 +659,10 @@ def test_health(det_pipe, seg_pipe):
     assert set(h) == {"ready", "backend", "precision", "device", "dernet", "detector"}
     assert (h["ready"], h["backend"], h["precision"], h["device"]) == (True, "torch", "fp32", "cpu")
     assert h["dernet"]["members"] == list(MEMBERS) and h["dernet"]["omega"] == pytest.approx([0.42, 0.32, 0.26])
-    assert set(h["dernet"]) == {"members", "omega", "tau", "image_sizes", "file"}
-    assert set(h["detector"]) == {"stage", "scale", "names", "lt_codes", "imgsz", "file"}
+    assert set(h["dernet"]) == {"members", "omega", "tau", "image_sizes", "file", "version"}
+    assert set(h["detector"]) == {"stage", "scale", "names", "lt_codes", "imgsz", "file", "version"}
+    digest = hashlib.sha256(Path(h["dernet"]["file"]).read_bytes()).hexdigest()
+    assert h["dernet"]["version"] == digest[:12] and len(h["detector"]["version"]) == 12
     assert (h["detector"]["stage"], seg_pipe.health()["detector"]["stage"]) == ("det", "seg")
     json.dumps(h)
 

@@ -592,7 +592,7 @@ def test_torchrun_two_cpu_processes(synthetic_root, tmp_path, stage):
         ds = train.DetectionDataset(splits.test, cfg.det_imgsz, cache)
         box, *_ = train.evaluate_detector(model, ds, cfg, rt, False)
         assert box["map50"] == pytest.approx(metrics["test"]["map50"], abs=1e-9)
-        assert box["n_det"] == metrics["test"]["n_det"]
+        assert np.asarray(box["n_det"]).tolist() == list(metrics["test"]["n_det"])
 
 
 def test_checkpoint_errors_are_one_line(tmp_path, synthetic_root):
