@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -814,10 +815,14 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(503, "the server is busy with other images; try again shortly",
                             {"Retry-After": str(self.server.cfg.retry_after_s)}) from None
 
+    def on_worker(self, fn, *args):
+        """fn(*args) on one of the server's inference threads (the caller holds an inference slot)."""
+        return self.server.workers.submit(fn, *args).result()
+
     def analyze(self, body: bytes):
         """Pipeline.analyze under the caller's inference slot; unreadable images are the client's 400."""
         try:
-            return self.server.pipeline.analyze(body, name="upload")
+            return self.on_worker(self.server.pipeline.analyze, body, "upload")
         except DataError as err:
             raise HTTPError(400, str(err)) from None
 
@@ -837,8 +842,9 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_image()
         with self.inference_slot():
             analysis = self.analyze(body)
-            images = {"annotated": encode_png_base64(self.server.pipeline.render(analysis)),   # (H, W, 3)
-                      "windowed": encode_png_base64(analysis.image)}                          # (H, W) [0, 1]
+            images = self.on_worker(lambda: {
+                "annotated": encode_png_base64(self.server.pipeline.render(analysis)),   # (H, W, 3)
+                "windowed": encode_png_base64(analysis.image)})                          # (H, W) [0, 1]
         self.respond_json(200, {"result": analysis.result, "images": images})
 
     def post_explain(self, url):
@@ -849,7 +855,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_image()
         with self.inference_slot():
             analysis = self.analyze(body)
-            explanation = self.server.pipeline.explain(analysis, method)
+            explanation = self.on_worker(self.server.pipeline.explain, analysis, method)
         self.respond_json(200, explanation)
 
 
@@ -867,10 +873,18 @@ class AppServer(ThreadingHTTPServer):
     def __init__(self, cfg: AppConfig, pipeline: Pipeline):
         self.cfg, self.pipeline = cfg, pipeline
         self.gate = InferenceGate(cfg.workers, cfg.queue, cfg.queue_wait_s)
+        # The models run on `workers` long-lived threads, not on the short-lived connection threads:
+        # every new thread that allocates tensors gets its own allocator arena and oneDNN caches, and
+        # a thread per request made the server's memory grow by gigabytes under load (bench.py app).
+        self.workers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="inference")
         self.connections = threading.BoundedSemaphore(cfg.max_connections)
         self.uploads = ByteBudget(int(cfg.upload_budget_mb * MIB))
         self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         super().__init__((cfg.host.strip("[]"), cfg.port), Handler)
+
+    def server_close(self):
+        super().server_close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     @property
     def url(self) -> str:

@@ -385,6 +385,9 @@ def test_no_patient_data_in_logs_or_responses(server, patient_dicom, caplog, cap
         status, headers, raw = request(server, method, path, body)
         assert status in (200, 400, 415)
         bodies.append(raw + json.dumps(headers).encode())
+    deadline = time.monotonic() + 5  # the server logs a request after its response is sent
+    while len([r for r in caplog.records if r.name == "app"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     out, err = capfd.readouterr()
     records = [r for r in caplog.records if r.name == "app"]
     assert len(records) >= 4 and all(LOG_LINE.match(r.getMessage()) for r in records), caplog.text
