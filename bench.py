@@ -52,9 +52,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import (CLASSES, DataConfig, DataError, ImageCache, fit_long_side, letterbox, load_image, prepare_image,
+from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, prepare_image,
                   to_uint8, write_synthetic_dicom)
 from dernet import MEMBERS, DERNet, Member, save_dernet
+from infer import native_bf16
 from losses import DetectionLoss, LossConfig
 from train import TrainConfig, detector_checkpoint, param_groups, save_checkpoint
 from yolo11 import YOLO11, count_flops
@@ -218,9 +219,7 @@ class Section:
 
 def write_json(path: Path, obj) -> None:
     """Atomic: a temporary file beside `path`, then rename (an interrupted run keeps the last complete file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -242,7 +241,7 @@ def bf16_native(device: torch.device) -> bool:
     check. (torch's oneDNN check also accepts plain AVX-512, where bf16 is emulated and slower.)"""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(cpu_info()["flags"] & {"avx512_bf16", "amx_bf16", "bf16"})
+    return native_bf16()  # the same rule as infer.py's --precision auto
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,7 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -112,6 +112,22 @@ class DataConfig:
     synth_monochrome1: float = 0.25  # share of inverted-polarity files
     synth_j2k: float = 0.5  # share stored as JPEG 2000 Lossless (VinDr: all), the rest uncompressed
     synth_min_class_images: int = 3  # every class on at least this many images per split (when possible)
+
+
+def atomic_write(path, write) -> Path:
+    """write(tmp) on a temporary file beside `path`, then os.replace (atomic): a crash never leaves half a
+    file, and the newest complete one stays readable. Every script writes through this (checkpoints,
+    reports, plots, the image cache, ONNX files). A plain open() of a unique name keeps the user's umask
+    (mkstemp would make every output 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -540,6 +556,18 @@ def letterbox(img: np.ndarray, size: int,
     return out, ratio, (float(pad_x), float(pad_y))
 
 
+def detector_canvas(img: np.ndarray, orig_hw: tuple[int, int], size: int,
+                    pad_value: float = DataConfig.pad_value) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Prepared uint8 image (any resolution of the original) -> detector input (size, size) float32 [0, 1]
+    in the letterbox geometry of the ORIGINAL size (so x_lb = x_orig * ratio + pad whatever resolution
+    the image was decoded at), grey padding; returns (canvas, ratio, (pad_x, pad_y)). The one detector
+    preprocessing of training, evaluation and inference."""
+    ratio, (new_h, new_w), (pad_x, pad_y) = letterbox_geometry(orig_hw, size)
+    canvas = np.full((size, size), pad_value, np.float32)  # (S, S)
+    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resize_image(img, (new_h, new_w)).astype(np.float32) / 255
+    return canvas, ratio, (pad_x, pad_y)
+
+
 def boxes_to_letterbox(boxes: np.ndarray, ratio: float, pad: tuple[float, float]) -> np.ndarray:
     """(N, 4) xyxy original pixels -> letterboxed input pixels."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -764,15 +792,12 @@ class ImageCache:
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable entry (disk trouble): recompute and overwrite it below
         img, meta = self.compute(path, long_side)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
+
+        def write(tmp: Path):
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
                 np.savez(fh, img=img, meta=np.array(json.dumps(asdict(meta))))
-            os.replace(tmp, file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        atomic_write(file, write)
         return img, meta
 
 
@@ -979,9 +1004,8 @@ class DetectionDataset(Dataset):
         r, size = self.records[i], self.imgsz
         img, meta = self.cache.get(r.path, size)
         self._orig_hw[i] = (meta.height, meta.width)
-        ratio, (new_h, new_w), (pad_x, pad_y) = letterbox_geometry((meta.height, meta.width), size)
-        canvas = np.full((size, size), self.hyp.pad_value, np.float32)  # (S, S)
-        canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resize_image(img, (new_h, new_w)).astype(np.float32) / 255
+        canvas, ratio, (pad_x, pad_y) = detector_canvas(img, (meta.height, meta.width), size, self.hyp.pad_value)
+        _, (new_h, new_w), _ = letterbox_geometry((meta.height, meta.width), size)
         boxes = boxes_to_letterbox(r.boxes, ratio, (pad_x, pad_y))  # (N, 4)
         boxes[:, 0::2] = boxes[:, 0::2].clip(pad_x, pad_x + new_w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(pad_y, pad_y + new_h)

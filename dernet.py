@@ -17,7 +17,6 @@ Nothing is downloaded: ImageNet initialisation comes only from a local torchvisi
 (`load_pretrained`). Trained by `python train.py --stage cls`; used by `python infer.py image.dcm`.
 """
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from data import atomic_write
 
 MEMBERS = ("densenet121", "efficientnet_v2_s", "resnet50")  # Sec. 3.2 / Fig. 3, in Omega order
 OMEGA = (0.42, 0.32, 0.26)                                   # Eq. 2 / Sec. 3.2, "empirical weights"
@@ -241,10 +242,7 @@ class DERNet(nn.Module):
 
 def save_dernet(model: DERNet, path: str | Path) -> None:
     """Write the checkpoint atomically (temporary file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.checkpoint(), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(model.checkpoint(), tmp))
 
 
 def load_dernet(path: str | Path, map_location: str | torch.device = "cpu") -> DERNet:

@@ -59,8 +59,8 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import pairwise_distances
 from tqdm import tqdm
 
-from data import (CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, boxes_from_letterbox, classifier_input,
-                  letterbox_geometry, load_image, prepare_image, resize_image, sniff_format)
+from data import (CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write, boxes_from_letterbox,
+                  classifier_input, detector_canvas, letterbox_geometry, load_image, prepare_image, sniff_format)
 from dernet import DERNet, load_dernet, resize_to, soft_vote
 from train import CheckpointError, image_region, load_checkpoint
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
@@ -297,7 +297,7 @@ def encode_png_base64(img: np.ndarray) -> str:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # fp16 autocast is a CUDA option
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CAPABILITIES = ("AVX512_BF16", "AMX")   # torch.backends.cpu.get_cpu_capability() names
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags (issue 11)
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo flags: x86 and ARM (issue 11)
 CPUINFO = Path("/proc/cpuinfo")
 BACKENDS = ("torch", "onnx")
 EXPLAIN_METHODS = ("gradcam", "lime")
@@ -338,19 +338,6 @@ def check_config(cfg: InferConfig) -> None:
         raise InferError(f"need 0 <= conf < 1 and 0 < nms_iou <= 1, got conf {cfg.conf}, nms_iou {cfg.nms_iou}")
     if cfg.max_det < 1 or cfg.lime_samples < 2:
         raise InferError(f"need max_det >= 1 and lime_samples >= 2, got {cfg.max_det} and {cfg.lime_samples}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """write(tmp) on a temporary file beside `path`, then an atomic rename: a crash never leaves half a
-    PNG or ONNX file. (A plain open() keeps the user's umask, unlike mkstemp's 0600.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --- loading: checkpoints, device, precision, models
@@ -491,16 +478,11 @@ def classifier_view(img: np.ndarray, size: int, clip_limit: float,
 
 def detector_view(img: np.ndarray, orig_hw: tuple[int, int], size: int, clip_limit: float, tile_grid: int,
                   pad_value: float) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Display image -> detector input (size, size) float32 [0, 1], letterbox ratio and padding.
-
-    Exactly DetectionDataset.load_sample without augmentation: prepare_image at the input size, resized
-    into the letterbox geometry of the ORIGINAL image size (so x_lb = x_orig * ratio + pad whatever
-    the decode resolution), grey padding (114). Boxes map back with data.boxes_from_letterbox.
-    """
+    """Display image -> detector input (size, size) float32 [0, 1], letterbox ratio and padding: exactly
+    DetectionDataset.load_sample without augmentation (prepare_image at the input size: shrink, then CLAHE,
+    Eq. 1; then data.detector_canvas). Boxes map back with data.boxes_from_letterbox."""
     u8 = prepare_image(img, size, clip_limit=clip_limit, tile_grid=tile_grid)
-    ratio, (new_h, new_w), (pad_x, pad_y) = letterbox_geometry(orig_hw, size)
-    canvas = np.full((size, size), pad_value, np.float32)                      # (S, S)
-    canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = resize_image(u8, (new_h, new_w)).astype(np.float32) / 255
+    canvas, ratio, (pad_x, pad_y) = detector_canvas(u8, orig_hw, size, pad_value)
     return canvas, ratio, (float(pad_x), float(pad_y))
 
 

@@ -34,7 +34,6 @@ import numbers
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -52,7 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import (CLASSES, LT_CODES, NO_FINDING, ClassificationDataset, DataConfig, DataError, DetectionDataset,
-                  ImageCache, boxes_from_letterbox, collate_detection, letterbox_geometry, load_split,
+                  ImageCache, atomic_write, boxes_from_letterbox, collate_detection, letterbox_geometry, load_split,
                   make_synthetic, repeat_factors, split_fold)
 from dernet import MEMBERS, OMEGA, DERNet, Member, build_member, fit_omega, save_dernet, youden_threshold
 from losses import DetectionLoss, LossConfig, SegmentationLoss
@@ -61,24 +60,9 @@ from yolo11 import YOLO11, YOLO11Seg, non_max_suppression, process_masks, seg_fr
 # --- atomic writers (nothing half-written survives a crash)
 
 
-def _atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary file beside `path`, then rename it over `path` (os.replace is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path, text: str) -> Path:
     """Write a text file (report.md) atomically."""
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _jsonable(obj):
@@ -734,7 +718,7 @@ def render_mask_table(box_metrics: Mapping, mask_metrics: Mapping) -> str:
 
 def _save_figure(fig: Figure, path) -> Path:
     FigureCanvasAgg(fig)  # Agg canvas for this figure only; no global backend switch
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_roc_curves(y, scores: Mapping[str, Sequence[float]], path,
@@ -970,7 +954,7 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(obj: dict, path) -> Path:
     """torch.save to a temporary file beside `path`, then an atomic rename: the newest complete
     checkpoint always stays loadable, whatever kills the process."""
-    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, stage: str | None = None, nc: int | None = None) -> dict:
@@ -1393,7 +1377,7 @@ def plot_member_curves(histories: dict, path) -> Path:
 def cls_report(cfg: TrainConfig, metrics: dict, summary: dict, splits: Splits) -> str:
     omega = ", ".join(f"{w:.2f}" for w in metrics["omega"])
     data = cfg.data or f"synthetic VinDr-format set ({cfg.synthetic_dir}, demo settings)"
-    lines = [f"# Phase I — DERNet triage (Table 2)", "",
+    lines = ["# Phase I — DERNet triage (Table 2)", "",
              f"Data: {data}; fold {cfg.fold} of {cfg.n_folds} for validation ({len(splits.val)} images), "
              f"{len(splits.train)} training images, test split {len(splits.test)} images (used once, here).",
              f"Members trained {cfg.cls_epochs} epochs at {cfg.cls_imgsz} px, AdamW η = {cfg.lr:g}, cosine "
@@ -1415,7 +1399,7 @@ def write_csv(path, header: Sequence[str], rows) -> Path:
             w = csv.writer(fh)
             w.writerow(header)
             w.writerows(rows)
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def run_cls(cfg: TrainConfig, root: Path, run: Path, rt: Runtime) -> dict:

@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import data as D
