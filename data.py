@@ -905,6 +905,15 @@ def _tile_slices(k: int, xc: int, yc: int, size: int) -> tuple[slice, slice, sli
     return slice(y0, y1), slice(x0, x1), slice(ty0, ty0 + h), slice(tx0, tx0 + w)
 
 
+def _keep_boxes(sample: DetSample, before: np.ndarray, scale: float, hyp: DataConfig) -> DetSample:
+    """Drop boxes that augmentation made too thin or cut away (< min_box_kept of their scaled area)."""
+    w, h = sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]
+    area_before = (before[:, 2] - before[:, 0]) * (before[:, 3] - before[:, 1]) * scale ** 2
+    keep = (w > hyp.min_box_side) & (h > hyp.min_box_side) & (w * h > hyp.min_box_kept * area_before)
+    return DetSample(img=sample.img, boxes=sample.boxes[keep], cls=sample.cls[keep],
+                     masks=sample.masks[keep] if sample.masks is not None else None)
+
+
 def mosaic4(samples: list[DetSample], rng: np.random.Generator, hyp: DataConfig = DataConfig()) -> DetSample:
     """Algorithm 1, lines 9-10: four (S, S) samples around a centre (xc, yc) ~ U(0.3 W, 0.7 W) of a
     (2S, 2S) canvas (W = 2S). Returns the (2S, 2S) sample; random_affine then crops it back to S."""
@@ -930,15 +939,6 @@ def mosaic4(samples: list[DetSample], rng: np.random.Generator, hyp: DataConfig 
     sample = DetSample(img=img, boxes=np.concatenate(boxes).astype(np.float32), cls=np.concatenate(classes),
                        masks=np.concatenate(masks) if with_masks else None)
     return _keep_boxes(sample, np.concatenate([s.boxes for s in samples]), 1.0, hyp)
-
-
-def _keep_boxes(sample: DetSample, before: np.ndarray, scale: float, hyp: DataConfig) -> DetSample:
-    """Drop boxes that augmentation made too thin or cut away (< min_box_kept of their scaled area)."""
-    w, h = sample.boxes[:, 2] - sample.boxes[:, 0], sample.boxes[:, 3] - sample.boxes[:, 1]
-    area_before = (before[:, 2] - before[:, 0]) * (before[:, 3] - before[:, 1]) * scale ** 2
-    keep = (w > hyp.min_box_side) & (h > hyp.min_box_side) & (w * h > hyp.min_box_kept * area_before)
-    return DetSample(img=sample.img, boxes=sample.boxes[keep], cls=sample.cls[keep],
-                     masks=sample.masks[keep] if sample.masks is not None else None)
 
 
 def random_affine(sample: DetSample, rng: np.random.Generator, size: int, hyp: DataConfig = DataConfig()) -> DetSample:

@@ -1,10 +1,17 @@
-"""Tests for train.py: Table 2 metrics (sklearn), study bootstrap, DeLong, VinDr/COCO AP (pycocotools), reports."""
+"""Tests for train.py: Table 2 metrics (sklearn), study bootstrap, DeLong, VinDr/COCO AP (pycocotools), reports;
+end-to-end tiny runs of every stage, SIGKILL + resume, 2-process torchrun, checkpoint errors, overfitting."""
 import contextlib
 import dataclasses
 import importlib.util
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -463,13 +470,6 @@ def test_table3_and_mask_table_rendering(tmp_path):
 
 
 # --- end-to-end runs on the tiny synthetic set (tests/conftest.py): outputs, resume, DDP, checkpoints
-
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLS_FILES = ("config.json", "dernet.pt", "predictions.csv", "metrics.json", "report.md", "roc.png",
