@@ -447,7 +447,7 @@ def test_write_json_is_strict_and_atomic(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train._atomic_write(path, crash_midway)
+        train.atomic_write(path, crash_midway)
     assert json.loads(path.read_text())["n"] == 3 and len(list(tmp_path.iterdir())) == 1  # old file intact, no temp
 
 
