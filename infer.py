@@ -62,7 +62,7 @@ from tqdm import tqdm
 from data import (CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write, boxes_from_letterbox,
                   classifier_input, detector_canvas, letterbox_geometry, load_image, prepare_image, sniff_format)
 from dernet import DERNet, load_dernet, resize_to, soft_vote
-from train import CheckpointError, image_region, load_checkpoint
+from train import CheckpointError, image_region, load_checkpoint, native_bf16
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
 
 
@@ -296,9 +296,6 @@ def encode_png_base64(img: np.ndarray) -> str:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")   # fp16 autocast is a CUDA option
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-NATIVE_BF16_CAPABILITIES = ("AVX512_BF16", "AMX")   # torch.backends.cpu.get_cpu_capability() names
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo flags: x86 and ARM (issue 11)
-CPUINFO = Path("/proc/cpuinfo")
 BACKENDS = ("torch", "onnx")
 EXPLAIN_METHODS = ("gradcam", "lime")
 MASK_COEFFS = YOLOConfig.nm                      # 32 mask coefficients per box (YOLO11-seg)
@@ -389,23 +386,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferError(f"device {name!r} asked for, but no CUDA device is available; use --device cpu")
     return device
-
-
-def native_bf16(capability: str | None = None, cpuinfo: str | None = None) -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Only there is bf16 autocast faster than
-    fp32; elsewhere oneDNN emulates it. torch's capability string names AVX512 but not its BF16
-    extension, so the Linux cpuinfo flags are read as well (arguments: for tests)."""
-    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    if any(name in capability.upper() for name in NATIVE_BF16_CAPABILITIES):
-        return True
-    if cpuinfo is None:
-        try:
-            cpuinfo = CPUINFO.read_text()
-        except OSError:   # not Linux
-            cpuinfo = ""
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
-             for flag in line.split(":", 1)[1].split()}
-    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device, backend: str) -> str:

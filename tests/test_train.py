@@ -20,6 +20,7 @@ import torchvision
 from sklearn.metrics import f1_score, recall_score, roc_auc_score, roc_curve
 
 import train
+from data import Record
 
 # --- classification metrics (Table 2)
 
@@ -467,6 +468,57 @@ def test_table3_and_mask_table_rendering(tmp_path):
     assert f"| {int(mask['n_matched'].sum())}/{int(mask['n_gt'].sum())} |" in seg
     with pytest.raises(ValueError, match="needs 7 values"):
         train.render_table3({**box, "ap50": box["ap50"][:6]})
+
+
+# --- configuration: demo settings, flags, training subset, Phase I precision
+
+
+def _records(study_sizes):
+    return [Record(f"s{s}i{i}", f"s{s}", f"s{s}", Path(f"s{s}i{i}.png"), np.zeros((s % 2, 4), np.float32),
+                         np.zeros(s % 2, np.int64)) for s, n in enumerate(study_sizes) for i in range(n)]
+
+
+@pytest.mark.parametrize("n_images", [0, 5, 11, 100])
+def test_study_subset_keeps_whole_studies(n_images):
+    records = _records([2, 1, 3, 2, 2, 1, 2])  # 13 images in 7 studies
+    subset = train.study_subset(records, n_images, seed=42)
+    if n_images in (0, 100):
+        assert subset == records
+        return
+    assert n_images <= len(subset) < n_images + 3  # stops at the first study that reaches n_images
+    kept = {r.study_id for r in subset}
+    assert subset == [r for r in records if r.study_id in kept]  # whole studies, file order
+    assert train.study_subset(records, n_images, seed=42) == subset  # seeded
+
+
+def _config(*argv):
+    return train.config_from_args(train.get_args_parser().parse_args(list(argv)))
+
+
+def test_demo_settings_and_flags(tmp_path):
+    demo = _config("--stage", "cls")
+    assert (demo.cls_imgsz, demo.cls_epochs, demo.lr, demo.cls_augment) == (128, 6, 1e-3, False)
+    assert _config("--stage", "cls", "--augment").cls_augment
+    paper = _config("--stage", "cls", "--data", str(tmp_path))
+    assert (paper.cls_imgsz, paper.cls_epochs, paper.lr, paper.cls_augment, paper.train_images) == (384, 60, 1e-4, True, 0)
+    assert not _config("--stage", "cls", "--data", str(tmp_path), "--no-augment").cls_augment
+    assert _config("--stage", "det").train_images == 400
+    assert _config("--stage", "det", "--train-images", "0").train_images == 0
+    assert _config("--stage", "cls", "--precision", "fp32").precision == "fp32"
+    with pytest.raises(train.DataError, match="--train-images"):
+        _config("--stage", "det", "--train-images", "-3")
+
+
+@pytest.mark.parametrize("precision,native,expected", [("auto", True, torch.bfloat16), ("auto", False, None),
+                                                       ("fp32", True, None)])
+def test_cls_autocast_uses_native_cpu_bf16_only(monkeypatch, precision, native, expected):
+    monkeypatch.setattr(train, "native_bf16", lambda: native)
+    cfg = dataclasses.replace(train.TrainConfig(), precision=precision)
+    with train.cls_autocast(cfg, train.Runtime()):
+        enabled = torch.is_autocast_enabled("cpu")
+        y = torch.nn.Linear(4, 2)(torch.ones(3, 4))
+    assert enabled == (expected is not None)
+    assert y.dtype == (expected or torch.float32)
 
 
 # --- end-to-end runs on the tiny synthetic set (tests/conftest.py): outputs, resume, DDP, checkpoints
