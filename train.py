@@ -1040,6 +1040,7 @@ class TrainConfig:
     cls_epochs: int = 60  # Sec. 4.1: 60 epochs, cosine annealing
     cls_batch: int = 16  # not given in the paper; fits an 8 GB GPU at 384 px (Sec. 4.1)
     cls_imgsz: int = 384  # member input size (issue 3 default)
+    member_imgsz: dict = field(default_factory=dict)  # per-member overrides {name: size} (issue 3)
     cls_augment: bool = True  # issue 3: radiograph-safe augmentation (data.DataConfig); off in the short demo
     lr: float = 1e-4  # Algorithm 1: η = 1e-4, AdamW (both phases)
     cls_weight_decay: float = 1e-2  # AdamW's own default (paper: "AdamW", no value)
@@ -1239,6 +1240,18 @@ def resolve_workers(cfg: TrainConfig, rt: Runtime) -> int:
     return min(8, os.cpu_count() or 1) if rt.device.type == "cuda" else 0
 
 
+def member_sizes(cfg: TrainConfig) -> dict[str, int]:
+    """Each member's input size: --imgsz, or its --member-imgsz override."""
+    return {name: int(cfg.member_imgsz.get(name, cfg.cls_imgsz)) for name in MEMBERS}
+
+
+def sizes_text(cfg: TrainConfig) -> str:
+    sizes = member_sizes(cfg)
+    if len(set(sizes.values())) == 1:
+        return f"{cfg.cls_imgsz} px"
+    return ", ".join(f"{MEMBER_NAMES[name]} {size}" for name, size in sizes.items()) + " px"
+
+
 def cls_epoch(model, loader, optimizer, scaler, loss_fn, cfg: TrainConfig, rt: Runtime, desc: str) -> dict:
     """One epoch of Algorithm 1 lines 4-5: BCE (line 4) and an AdamW step (line 5) per batch."""
     model.train()
@@ -1283,7 +1296,7 @@ def train_member(name: str, cfg: TrainConfig, splits: Splits, cache: ImageCache,
     """Algorithm 1, lines 2-6 for one member: AdamW + cosine annealing on BCE with the positive class
     weighted by the class balance; the best epoch by validation AUROC is kept (member_<name>.pt), and
     the full training state is saved atomically after every epoch (<name>_last.pt) for --resume."""
-    size, epochs = cfg.cls_imgsz, cfg.cls_epochs
+    size, epochs = member_sizes(cfg)[name], cfg.cls_epochs
     train_ds = ClassificationDataset(splits.train, size, cache, augment=cfg.cls_augment, seed=cfg.seed)
     val_ds = ClassificationDataset(splits.val, size, cache)
     seed_everything(cfg.seed, MEMBERS.index(name))
@@ -1360,10 +1373,10 @@ def assemble_dernet(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Pa
         member = Member(name)
         member.load_state_dict(load_checkpoint(run / f"member_{name}.pt", "cls")["model"])
         members[name] = member
-    sizes = {name: cfg.cls_imgsz for name in MEMBERS}
+    sizes = member_sizes(cfg)
     preprocess = {"clahe_clip_limit": cache.hyp.clahe_clip, "clahe_tile_grid": cache.hyp.clahe_tiles}
     dernet = DERNet(members, omega=OMEGA, image_sizes=sizes, preprocess=preprocess).to(rt.device)
-    val_ds = ClassificationDataset(splits.val, cfg.cls_imgsz, cache)
+    val_ds = ClassificationDataset(splits.val, max(sizes.values()), cache)  # each member resizes down (Eq. 2)
     val_probs = predict_probs(dernet_prob_fn(dernet), val_ds, cfg, rt, cfg.cls_batch)  # (N, 3)
     y = val_ds.labels
     choice = {"omega_paper": list(OMEGA)}
@@ -1397,7 +1410,7 @@ def report_cls(cfg: TrainConfig, dernet: DERNet, taus: dict, choice: dict, split
                run: Path, rt: Runtime, histories: dict) -> dict:
     """The test split, touched once: predictions.csv, metrics.json, report.md (Table 2 with study-level
     bootstrap CIs and paired tests), roc.png and training_curves.png."""
-    test_ds = ClassificationDataset(splits.test, cfg.cls_imgsz, cache)
+    test_ds = ClassificationDataset(splits.test, max(dernet.image_sizes.values()), cache)
     probs = predict_probs(dernet_prob_fn(dernet), test_ds, cfg, rt, cfg.cls_batch)  # (N, 3)
     if not rt.main:
         return {}
@@ -1438,7 +1451,7 @@ def cls_report(cfg: TrainConfig, metrics: dict, summary: dict, splits: Splits) -
     lines = ["# Phase I — DERNet triage (Table 2)", "",
              f"Data: {data}; fold {cfg.fold} of {cfg.n_folds} for validation ({len(splits.val)} images), "
              f"{len(splits.train)} training images, test split {len(splits.test)} images (used once, here).",
-             f"Members trained {cfg.cls_epochs} epochs at {cfg.cls_imgsz} px, AdamW η = {cfg.lr:g}, cosine "
+             f"Members trained {cfg.cls_epochs} epochs at {sizes_text(cfg)}, AdamW η = {cfg.lr:g}, cosine "
              f"annealing; best epoch by validation AUROC: "
              + ", ".join(f"{MEMBER_NAMES[n]} {e}" for n, e in metrics["best_epochs"].items()) + ".",
              f"Ensemble: Ω = [{omega}] (Eq. 2), τ = {metrics['tau']:.4f} (Youden's J on validation).", ""]
@@ -1465,7 +1478,7 @@ def run_cls(cfg: TrainConfig, root: Path, run: Path, rt: Runtime) -> dict:
     splits = load_splits(cfg, root, cfg.fold)
     cache = ImageCache(cfg.cache_dir)
     log(rt, f"Phase I, fold {cfg.fold}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
-            f"images, {cfg.cls_epochs} epochs at {cfg.cls_imgsz} px on {rt.device} x{rt.world}")
+            f"images, {cfg.cls_epochs} epochs at {sizes_text(cfg)} on {rt.device} x{rt.world}")
     histories = {name: train_member(name, cfg, splits, cache, run, rt) for name in MEMBERS}
     dernet, taus, choice = assemble_dernet(cfg, splits, cache, run, rt)
     return report_cls(cfg, dernet, taus, choice, splits, cache, run, rt, histories)
@@ -1891,6 +1904,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", help="folder with torchvision ImageNet files densenet121-*.pth, "
                                         "efficientnet_v2_s-*.pth, resnet50-*.pth (never downloaded)")
     g.add_argument("--fit-omega", action="store_true", help="refit Ω on the validation fold (reported beside the paper's)")
+    g.add_argument("--member-imgsz", nargs="+", metavar="NAME=SIZE",
+                   help=f"per-member input size, e.g. resnet50=448 (members: {', '.join(MEMBERS)})")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="radiograph-safe augmentation (default: on; off in the 6-epoch demo)")
     g = p.add_argument_group("Phase II (det, seg)")
@@ -1936,6 +1951,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                 "nominal_batch", "train_images") if getattr(args, k) is not None})
     if args.augment is not None:
         flags["cls_augment"] = args.augment
+    if args.member_imgsz:
+        flags["member_imgsz"] = parse_member_sizes(args.member_imgsz)
     cfg = replace(cfg, **flags, data=args.data, fold=args.fold, folds_all=args.folds == "all",
                   cache_dir=args.cache_dir, workers=args.workers, seed=args.seed,
                   fit_omega=args.fit_omega, cls_loss=args.cls_loss, repeat_threshold=args.repeat_threshold,
@@ -1943,6 +1960,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                   bootstrap=args.bootstrap, progress=not args.no_progress)
     check_config(cfg)
     return cfg
+
+
+def parse_member_sizes(items: list[str]) -> dict[str, int]:
+    """['resnet50=448', ...] -> {'resnet50': 448}; unknown names and bad sizes are one-line errors."""
+    sizes = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        if name not in MEMBERS or not size.isdigit() or int(size) < 1:
+            raise DataError(f"--member-imgsz wants NAME=SIZE with NAME in {', '.join(MEMBERS)} and a positive "
+                            f"size, got {item!r}")
+        sizes[name] = int(size)
+    return sizes
 
 
 def check_config(cfg: TrainConfig):

@@ -506,6 +506,10 @@ def test_demo_settings_and_flags(tmp_path):
     assert _config("--stage", "det").train_images == 400
     assert _config("--stage", "det", "--train-images", "0").train_images == 0
     assert _config("--stage", "cls", "--precision", "fp32").precision == "fp32"
+    assert _config("--stage", "cls", "--member-imgsz", "resnet50=448").member_imgsz == {"resnet50": 448}
+    for bad in ("vgg16=224", "resnet50=big", "resnet50=0"):
+        with pytest.raises(train.DataError, match="--member-imgsz"):
+            _config("--stage", "cls", "--member-imgsz", bad)
     with pytest.raises(train.DataError, match="--train-images"):
         _config("--stage", "det", "--train-images", "-3")
 
@@ -550,7 +554,7 @@ def _cli(argv, **kw) -> subprocess.CompletedProcess:
 
 
 def test_cls_tiny_run_writes_every_output(synthetic_root, tmp_path):
-    assert _run_main(_args(synthetic_root, tmp_path, "cls", "t")) == 0
+    assert _run_main(_args(synthetic_root, tmp_path, "cls", "t", "--member-imgsz", "resnet50=40")) == 0
     run = tmp_path / "cls" / "t"
     for f in CLS_FILES:
         assert (run / f).is_file(), f
@@ -561,7 +565,9 @@ def test_cls_tiny_run_writes_every_output(synthetic_root, tmp_path):
     report = (run / "report.md").read_text()
     assert "AUROC" in report and "DERNet" in report and "p" in report
     dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
-    assert dernet.tau == pytest.approx(metrics["tau"]) and dernet.image_sizes["resnet50"] == 32
+    assert dernet.tau == pytest.approx(metrics["tau"])
+    assert dernet.image_sizes == {"densenet121": 32, "efficientnet_v2_s": 32, "resnet50": 40}  # per member
+    assert "ResNet50 40" in report
 
 
 @pytest.mark.parametrize("stage", ["det", "seg"])
