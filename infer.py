@@ -62,7 +62,7 @@ from tqdm import tqdm
 from data import (CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write, boxes_from_letterbox,
                   classifier_input, detector_canvas, letterbox_geometry, load_image, prepare_image, sniff_format)
 from dernet import DERNet, load_dernet, resize_to, soft_vote
-from train import CheckpointError, image_region, load_checkpoint, native_bf16
+from train import CheckpointError, channels_last, image_region, load_checkpoint, native_bf16
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
 
 
@@ -542,10 +542,6 @@ class Analysis:
     cls_region: tuple[slice, slice] | None = None   # rows, cols of x_cls that hold the image
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 class TorchBackend:
     """The two models in PyTorch: inference mode, detector Conv+BN fused, channels-last memory and
     autocast for bf16 / fp16. Stateless per call, so threads may share it.
@@ -572,7 +568,7 @@ class TorchBackend:
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 1, S, S) -> (S (B,), P (B, M)) in fp32: member logits under autocast, then the sigmoid
         and Eq. 2 in fp32 (DERNet.forward, with the vote kept out of reduced precision)."""
-        x = _channels_last(x.to(self.device))
+        x = channels_last(x.to(self.device))
         with self._autocast():
             logits = torch.stack([member(resize_to(x, self.dernet.image_sizes[name]))
                                   for name, member in self.dernet.members.items()], 1)   # (B, M)
@@ -582,7 +578,7 @@ class TorchBackend:
     @torch.inference_mode()
     def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, 1, S, S) grey -> (eval output (B, 4 + nc [+ 32], A), protos (B, 32, S/4, S/4) | None), fp32."""
-        x = _channels_last(x.to(self.device).expand(-1, 3, -1, -1))   # grey replicated, as in training
+        x = channels_last(x.to(self.device).expand(-1, 3, -1, -1))   # grey replicated, as in training
         with self._autocast():
             out = self.detector(x)
         pred, protos = out if isinstance(out, tuple) else (out, None)

@@ -23,6 +23,7 @@ detection metrics -> reports and plots -> runtime (devices, torchrun) -> checkpo
 Phase I -> Phase II -> folds -> command line.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -807,6 +808,7 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo fla
 CPUINFO = Path("/proc/cpuinfo")
 
 
+@functools.lru_cache(maxsize=None)  # asked once per training batch: read /proc/cpuinfo once
 def native_bf16(capability: str | None = None, cpuinfo: str | None = None) -> bool:
     """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Only there is bf16 autocast faster than
     fp32; elsewhere oneDNN emulates it. torch's capability string names AVX512 but not its BF16
@@ -1139,13 +1141,13 @@ def study_subset(records: list, n_images: int, seed: int) -> list:
     the detection demos train on a part of the training split, still grouped by study for the folds."""
     if n_images <= 0 or n_images >= len(records):
         return records
-    studies = list(dict.fromkeys(r.study_id for r in records))
-    keep, count = set(), 0
+    sizes = collections.Counter(r.study_id for r in records)  # images per study, in file order
+    studies, keep, count = list(sizes), set(), 0
     for k in np.random.default_rng(seed).permutation(len(studies)):
         if count >= n_images:
             break
         keep.add(studies[k])
-        count += sum(r.study_id == studies[k] for r in records)
+        count += sizes[studies[k]]
     return [r for r in records if r.study_id in keep]
 
 
@@ -1248,7 +1250,7 @@ def member_sizes(cfg: TrainConfig) -> dict[str, int]:
 def sizes_text(cfg: TrainConfig) -> str:
     sizes = member_sizes(cfg)
     if len(set(sizes.values())) == 1:
-        return f"{cfg.cls_imgsz} px"
+        return f"{sizes[MEMBERS[0]]} px"
     return ", ".join(f"{MEMBER_NAMES[name]} {size}" for name, size in sizes.items()) + " px"
 
 
