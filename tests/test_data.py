@@ -282,6 +282,28 @@ def test_reduced_j2k_decode_matches_downsampled_full_decode(tmp_path, photometri
     np.testing.assert_array_equal(D.load_image(raw, reduce_to=reduce_to)[0], full)  # not J2K: full decode
 
 
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_recentring_moves_the_low_band_by_its_phase(level):
+    # on a ramp img[y, x] = x + 10 y, sampling at x + s adds s (and 10 s): s = (2^r - 1) / 2^(r+1) reduced px
+    h, w = 12, 16
+    ramp = (np.arange(w)[None, :] + 10 * np.arange(h)[:, None]).astype(np.float32)
+    s = (2 ** level - 1) / 2 ** (level + 1)
+    out = D._recentre_reduced(ramp, level)
+    np.testing.assert_allclose(out[:-1, :-1] - ramp[:-1, :-1], 11 * s, atol=1e-3)  # inside (border replicated)
+
+
+@pytest.mark.parametrize("reduce_to", [200, 300])
+def test_recentred_reduced_decode_is_closer_to_the_area_average(tmp_path, monkeypatch, reduce_to):
+    rng = np.random.default_rng(5)
+    stored, window, _, _ = D.synth_radiograph(rng, (1000, 760), "lateral", "lumbar", (2, 2))
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
+    full, fast = D.load_image(path)[0], D.load_image(path, reduce_to=reduce_to)[0]
+    ref = D.resize_image(full, fast.shape)  # the full path's area average on the reduced grid
+    monkeypatch.setattr(D, "_recentre_reduced", lambda img, level: img)
+    low_band = D.load_image(path, reduce_to=reduce_to)[0]  # as Pillow decodes it
+    assert np.abs(ref - fast).mean() < 0.5 * np.abs(ref - low_band).mean()  # measured: 0.35-0.39 x
+
+
 # --- preprocessing
 
 
