@@ -46,16 +46,17 @@ from torch.utils.flop_counter import FlopCounterMode
 # ---------------------------------------------------------------------------
 
 
-def make_anchors(feats, strides, offset: float = 0.5):
+def make_anchors(feats, strides, offset: float = 0.5, dtype: torch.dtype | None = None):
     """Anchor points at every cell centre of every level.
 
-    feats: list of maps (B, C, H_i, W_i); strides: matching strides (list or tensor).
+    feats: list of maps (B, C, H_i, W_i); strides: matching strides (list or tensor); dtype: of the
+    result (default: the maps' own).
     Returns anchor_points (A, 2) as (x, y) in grid units of their own level and
     stride_tensor (A, 1), with A = sum_i H_i * W_i, level by level, row-major.
     Multiply anchor_points by stride_tensor to get input pixels.
     """
     points, stride_list = [], []
-    dtype, device = feats[0].dtype, feats[0].device
+    dtype, device = dtype or feats[0].dtype, feats[0].device
     for feat, stride in zip(feats, strides):
         h, w = feat.shape[-2:]
         sx = torch.arange(w, device=device, dtype=dtype) + offset  # (W,)
@@ -298,7 +299,8 @@ class DFL(nn.Module):
     def forward(self, x):
         B, _, A = x.shape  # (B, 4*reg_max, A)
         p = x.view(B, 4, self.reg_max, A).softmax(2)  # (B, 4, reg_max, A)
-        return torch.einsum("bska,k->bsa", p, self.bins.to(p.dtype))  # (B, 4, A) distances (l, t, r, b)
+        # elementwise, not a matmul: autocast leaves it in the input's precision (fp32 in decode)
+        return (p * self.bins.to(p.dtype).view(-1, 1)).sum(2)  # (B, 4, A) distances (l, t, r, b)
 
 
 class Proto(nn.Module):
@@ -477,27 +479,31 @@ class DetectHead(nn.Module):
             box[-1].bias.fill_(cfg.box_bias)
             cls[-1].bias.fill_(math.log(cfg.prior_objects / cfg.nc / (cfg.prior_imgsz / s) ** 2))
 
-    def anchors(self, maps):
-        """Anchor points (2, A) and strides (1, A), cached per input shape, device and dtype.
+    def anchors(self, maps, dtype: torch.dtype):
+        """Anchor points (2, A) and strides (1, A) of a dtype, cached per input shape, device and dtype.
 
         While torch.export / torch.compile traces the model (ONNX export), they are built inside
         the graph instead, so no traced tensor is ever stored on the module.
         """
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            points, strides = make_anchors(maps, self.strides, 0.5)
+            points, strides = make_anchors(maps, self.strides, 0.5, dtype)
             return points.T, strides.T
-        key = (tuple(m.shape[-2:] for m in maps), maps[0].device, maps[0].dtype)
+        key = (tuple(m.shape[-2:] for m in maps), maps[0].device, dtype)
         if key != self._anchor_key:
-            points, strides = make_anchors(maps, self.strides, 0.5)
+            points, strides = make_anchors(maps, self.strides, 0.5, dtype)
             self._anchors, self._anchor_strides, self._anchor_key = points.T, strides.T, key
         return self._anchors, self._anchor_strides
 
     def decode(self, maps):
-        """Raw maps -> (B, 4 + nc, A): boxes (cx, cy, w, h) in input pixels, sigmoid class scores."""
+        """Raw maps -> (B, 4 + nc, A): boxes (cx, cy, w, h) in input pixels, sigmoid class scores.
+
+        At least fp32, also when the maps come from a bf16 / fp16 autocast: with 8 significant bits
+        a bf16 box corner at 640 px would sit on a 2-4 px grid (issue 11's accuracy guard)."""
         B = maps[0].shape[0]
         pred = torch.cat([m.view(B, m.shape[1], -1) for m in maps], 2)  # (B, 4*reg_max + nc, A)
+        pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
         box, cls = pred.split((4 * self.reg_max, self.nc), 1)
-        anchors, strides = self.anchors(maps)  # (2, A), (1, A)
+        anchors, strides = self.anchors(maps, pred.dtype)  # (2, A), (1, A)
         boxes = dist2bbox(self.dfl(box), anchors.unsqueeze(0), xywh=True, dim=1) * strides  # (B, 4, A)
         return torch.cat((boxes, cls.sigmoid()), 1)
 

@@ -10,6 +10,7 @@ codes; the no-checkpoint message; precision choice; the ONNX export round trip a
     python -m pytest -q tests/test_infer.py
 """
 import base64
+import copy
 import hashlib
 import json
 import subprocess
@@ -701,6 +702,31 @@ def test_bf16_and_fast_decode_stay_close_to_fp32_full_decode(tiny_models, detect
     r = bf16.analyze(path, cascade=False).result
     assert r["precision"] == "bf16" and abs(r["score"] - reference["score"]) < 0.02
     assert len(r["boxes"]) > 0
+
+
+@pytest.mark.parametrize("name", [*MEMBERS, "yolo11-seg"])
+def test_precast_weights_give_autocast_results_bit_for_bit(name):
+    torch.manual_seed(0)
+    if name == "yolo11-seg":  # convolutions, a transposed convolution (Proto), attention
+        model, x = YOLO11Seg(nc=len(CLASSES), scale="n").fuse(), torch.rand(1, 3, 64, 64)
+    else:                     # convolutions, BatchNorm (kept fp32), the linear classifier
+        model, x = Member(name).eval(), torch.rand(1, 1, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        fast = infer.precast(copy.deepcopy(model), torch.bfloat16)
+        got = fast(x)
+    layers = [m for m in fast.modules() if isinstance(m, infer.AUTOCAST_LAYERS)]
+    assert layers and all(p.dtype == torch.bfloat16 for m in layers for p in m.parameters())
+    for a, b in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+        assert torch.equal(a, b)
+
+
+def test_bf16_backend_converts_a_copy(tiny_models, detectors):
+    pipe = make_pipe(tiny_models, detectors["det"], precision="bf16")
+    backend_conv = next(m for m in pipe.backend.dernet.modules() if isinstance(m, nn.Conv2d))
+    own_conv = next(m for m in pipe.dernet.modules() if isinstance(m, nn.Conv2d))
+    assert backend_conv.weight.dtype == torch.bfloat16 and own_conv.weight.dtype == torch.float32  # Grad-CAM: fp32
+    assert pipe.backend.detector.backbone.stem.conv.weight.dtype == torch.bfloat16
 
 
 # --- ONNX export round trip (one export per module: the three members make it the slowest step)

@@ -192,6 +192,21 @@ def test_eval_layout_decodes_boxes_in_input_pixels():
         offset += m.shape[2] * m.shape[3]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_is_fp32_under_reduced_precision_autocast(dtype):
+    """Maps from a bf16/fp16 forward decode in fp32: boxes off the 2-4 px grid such maps would give."""
+    torch.manual_seed(0)
+    model = build(nc=3).eval()
+    maps = [8 * torch.randn(1, 64 + 3, 640 // s, 640 // s).to(dtype) for s in (8, 16, 32)]
+    with torch.autocast("cpu", dtype=dtype):
+        out = model.head.decode(maps)
+    want = model.head.decode([m.float() for m in maps])  # the same maps, no autocast
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-4)
+    x2 = out[0, 0] + out[0, 2] / 2  # right edges, input px
+    assert (x2[x2 > 512] % 4).unique().numel() > 4  # not on the 4 px grid of bf16 in [512, 1024)
+
+
 def test_bbox2dist_inverts_dist2bbox_and_clamps():
     anchors = torch.tensor([[4.5, 4.5], [2.5, 7.5]])
     dist = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 6.0, 14.0, 2.0]])
