@@ -14,11 +14,14 @@ measured on this machine, with a pass/MISS mark; nothing is asserted. Sub-comman
                 batch 12 with AMP and the peak memory (issue 5; the paper trained on 8 GB)
     infer       infer.Pipeline on the DICOM: decode, preprocess, DERNet, detector, total, cold and
                 warm, torch fp32 / torch auto / ONNX Runtime, images per second (issues 6, 11)
+    guard       accuracy of the fast paths (bf16, reduced decode, ONNX) against torch fp32 + full decode
+                on a test split: per-image score difference, AUROC, mAP@0.5 (issue 11; trained models)
     app         app.py's server under a bounded concurrent load on loopback (issue 9)
 
     python bench.py machine
     python bench.py yolo --json yolo.json
     python bench.py infer --cls-ckpt runs/cls/NAME/dernet.pt --det-ckpt runs/det/NAME/best.pt
+    python bench.py guard --cls-ckpt runs/cls/NAME/dernet.pt --det-ckpt runs/det/NAME/best.pt
     python bench.py all --json bench.json        # everything: long (10+ minutes on 2 CPU cores)
     python bench.py all --quick                  # tiny models and inputs: checks that it runs (1-2 min)
 
@@ -30,9 +33,9 @@ swaps in tiny models and inputs: its figures only show that the code runs, so no
 """
 import argparse
 import contextlib
+import copy
 import gc
 import http.client
-import importlib
 import json
 import os
 import platform
@@ -52,12 +55,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, prepare_image,
-                  to_uint8, write_synthetic_dicom)
+from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, load_split,
+                  make_synthetic, prepare_image, to_uint8, write_synthetic_dicom)
 from dernet import MEMBERS, DERNet, Member, save_dernet
-from infer import native_bf16
+import infer
 from losses import DetectionLoss, LossConfig
-from train import TrainConfig, detector_checkpoint, param_groups, save_checkpoint
+from train import TrainConfig, auroc, detector_checkpoint, evaluate_detections, param_groups, save_checkpoint
 from yolo11 import YOLO11, count_flops
 
 # --------------------------------------------------------------------------- config
@@ -95,6 +98,11 @@ class BenchConfig:
     det_scale: str = "l"  # Sec. 3.3
     det_imgsz: int = 640  # REFERENCE §3
     infer_batch: int = 16  # issue 6: images per second for a batch of 16
+    # guard
+    guard_data: str = "data/synthetic"  # train.py's synthetic default (REFERENCE §1 layout)
+    guard_split: str = "test"  # issue 11: "on the synthetic test split"
+    guard_quick_images: int = 4  # --quick without --data: a tiny synthetic test split
+    guard_nudge: float = 0.5 / 255  # ours: the reference's own sensitivity, image brighter by half a display level
     # app
     app_clients: int = 8  # issue 9: 8 concurrent clients ...
     app_seconds: float = 60.0  # ... for 60 s
@@ -111,6 +119,9 @@ class BenchConfig:
     })
     infer_total_s: float = 0.40  # issue 11: end to end, warm
     infer_detector_s: float = 0.13  # issue 11: detector at 640
+    guard_max_dS: float = 0.01  # issue 11: ensemble score within 0.01 of fp32 + full decode, per image
+    guard_max_dauroc: float = 0.005  # issue 11: AUROC within 0.005
+    guard_max_dmap50: float = 0.5  # issue 11: detection mAP@0.5 within 0.5 points
     paper_total_s: float = 1.0  # the paper's "sub-second" diagnosis (REFERENCE §4, issue 6)
     train_cuda_peak_gib: float = 8.0  # Sec. 4.1: trained on one 8 GB GPU (REFERENCE §4, issue 5)
     app_max_5xx: int = 0  # issue 9: zero 5xx (each client has a queue place, so a 503 counts too)
@@ -133,7 +144,7 @@ QUICK = dict(runs=2, warmup=1, matmul_n=256, dicom_hw=(480, 400), reduce_to=(64,
              train_boxes=2, train_runs=1, cls_imgsz=64, det_scale="n", det_imgsz=64, infer_batch=2,
              app_clients=2, app_seconds=3.0, app_png_side=256)
 
-SECTIONS = ("machine", "decode", "members", "yolo", "train-step", "infer", "app")  # bottom-up: `all` order
+SECTIONS = ("machine", "decode", "members", "yolo", "train-step", "infer", "guard", "app")  # bottom-up: `all` order
 
 
 class BenchError(RuntimeError):
@@ -241,7 +252,7 @@ def bf16_native(device: torch.device) -> bool:
     check. (torch's oneDNN check also accepts plain AVX-512, where bf16 is emulated and slower.)"""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return native_bf16()  # the same rule as infer.py's --precision auto
+    return infer.native_bf16()  # the same rule as infer.py's --precision auto
 
 
 def resolve_device(name: str) -> torch.device:
@@ -276,8 +287,9 @@ class Workspace:
     """What several sub-benchmarks share, made once per process in a temporary folder: the synthetic
     DICOM, the checkpoints and the matmul rates."""
 
-    def __init__(self, cfg: BenchConfig, device: torch.device, quick: bool, cls_ckpt=None, det_ckpt=None):
-        self.cfg, self.device, self.quick = cfg, device, quick
+    def __init__(self, cfg: BenchConfig, device: torch.device, quick: bool, cls_ckpt=None, det_ckpt=None,
+                 data=None):
+        self.cfg, self.device, self.quick, self.data = cfg, device, quick, data
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.dir = Path(self.tmp.name)
         self.user_ckpts = (cls_ckpt, det_ckpt)
@@ -454,13 +466,20 @@ def bench_members(cfg: BenchConfig, ws: Workspace) -> Section:
 # --------------------------------------------------------------------------- yolo
 
 
+REDUCED_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def reduced_dtypes(device: torch.device) -> list[torch.dtype]:
+    """Autocast dtypes worth timing here: bf16 where native, fp16 on CUDA."""
+    return ([torch.bfloat16] if bf16_native(device) else []) + ([torch.float16] if device.type == "cuda" else [])
+
+
 def yolo_variants(device: torch.device) -> list[tuple[str, bool, bool, torch.dtype | None]]:
     """(label, fused, channels-last, autocast dtype): fp32 first, then reduced precision where native."""
     variants = [("fp32 unfused", False, False, None), ("fp32 fused", True, False, None),
                 ("fp32 fused channels-last", True, True, None)]
-    reduced = ([torch.bfloat16] if bf16_native(device) else []) + ([torch.float16] if device.type == "cuda" else [])
-    for dtype in reduced:
-        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    for dtype in reduced_dtypes(device):
+        name = REDUCED_NAMES[dtype]
         variants += [(f"{name} fused", True, False, dtype), (f"{name} fused channels-last", True, True, dtype)]
     return variants
 
@@ -508,6 +527,12 @@ def bench_yolo(cfg: BenchConfig, ws: Workspace) -> Section:
             if fused:
                 model.fuse()  # idempotent
             add("ours", nc, variant, time_forward(model, x, channels_last, dtype, cfg, device), gflop)
+        for dtype in reduced_dtypes(device):  # as infer.TorchBackend runs it: autocast weights converted once
+            log(f"yolo: YOLO11-{scale} nc={nc} {REDUCED_NAMES[dtype]} precast")
+            fast = infer.precast(copy.deepcopy(model), dtype)
+            add("ours", nc, f"{REDUCED_NAMES[dtype]} fused channels-last, precast",
+                time_forward(fast, x, True, dtype, cfg, device), gflop)
+            del fast
         if cfg.onnx:
             log(f"yolo: YOLO11-{scale} nc={nc} ONNX export and onnxruntime")
             run = onnx_runner(model, x, ws.dir / f"yolo11{scale}-{nc}.onnx", cfg, device)
@@ -520,6 +545,9 @@ def bench_yolo(cfg: BenchConfig, ws: Workspace) -> Section:
             continue
         log(f"yolo: published YOLO11-{scale} nc={nc}")
         add("published", nc, "fp32 fused", time_forward(ref, x, False, None, cfg, device), gflop)
+        for dtype in reduced_dtypes(device):
+            add("published", nc, f"{REDUCED_NAMES[dtype]} fused channels-last",
+                time_forward(ref, x, True, dtype, cfg, device), gflop)
         if cfg.onnx:
             try:
                 run = onnx_runner(ref, x, ws.dir / f"published-{nc}.onnx", cfg, device)
@@ -619,7 +647,7 @@ def analyze_once(pipe, path: Path) -> dict:
     return out
 
 
-def bench_one_pipeline(infer, label: str, fields: dict, cfg: BenchConfig, ws: Workspace) -> dict:
+def bench_one_pipeline(label: str, fields: dict, cfg: BenchConfig, ws: Workspace) -> dict:
     """1. build the Pipeline (load, fuse, warm; ONNX export once), 2. the first analysis (cold),
     3. warm analyses, 4. infer_batch analyses back to back (images per second)."""
     cls_ckpt, det_ckpt = ws.checkpoints()
@@ -680,11 +708,10 @@ def where_time_goes(r: dict) -> str:
 
 
 def bench_infer(cfg: BenchConfig, ws: Workspace) -> Section:
-    infer = importlib.import_module("infer")  # lazily: the other sub-commands work without it
     results = []
     for label, fields in infer_settings(cfg):
         try:
-            results.append(bench_one_pipeline(infer, label, fields, cfg, ws))
+            results.append(bench_one_pipeline(label, fields, cfg, ws))
         except (infer.InferError, DataError) as err:
             raise BenchError(str(err)) from None
     applies = not ws.quick
@@ -725,6 +752,106 @@ def bench_infer(cfg: BenchConfig, ws: Workspace) -> Section:
            md_table(["implementation", "ms"], published)]
     data = {"results": results, "under_1s": under, "fastest": best["label"], "published": published}
     return Section("infer", "\n".join(md), data)
+
+
+# --------------------------------------------------------------------------- guard
+
+
+def guard_settings(cfg: BenchConfig) -> list[tuple[str, dict]]:
+    """(label, InferConfig fields): the reference first, then the fast configurations, each lever alone too."""
+    settings = [("torch fp32, full decode", dict(backend="torch", precision="fp32", fast_decode=False)),
+                ("torch fp32, fast decode", dict(backend="torch", precision="fp32", fast_decode=True)),
+                ("torch auto, full decode", dict(backend="torch", precision="auto", fast_decode=False)),
+                ("torch auto, fast decode", dict(backend="torch", precision="auto", fast_decode=True))]
+    if cfg.onnx:
+        settings.append(("onnx, fast decode", dict(backend="onnx", precision="fp32", fast_decode=True)))
+    return settings
+
+
+def guard_split(cfg: BenchConfig, ws: Workspace, root: Path | None):
+    """The evaluation split's records: --data's test split (default: the synthetic set train.py writes);
+    with --quick and no --data, a tiny synthetic set written into the workspace."""
+    if root is None and ws.quick:
+        root = make_synthetic(ws.dir / "synthetic", n_train=2, n_test=cfg.guard_quick_images, seed=cfg.seed,
+                              workers=1, progress=False)
+    root = Path(root or cfg.guard_data)
+    try:
+        return load_split(root, cfg.guard_split)
+    except (DataError, OSError) as err:
+        raise BenchError(f"guard: no {cfg.guard_split} split under {root} ({one_line(err)}); "
+                         f"python train.py --stage cls writes the synthetic set, or pass --data") from None
+
+
+def nudged_score(pipe, image: np.ndarray, nudge: float) -> float:
+    """S of the decoded display image made brighter by `nudge` (Pipeline.analyze's steps 2-3)."""
+    x, _ = infer.classifier_view(np.clip(image + nudge, 0, 1), pipe.cls_size, **pipe.cls_preprocess)
+    return float(pipe.backend.score(torch.from_numpy(x)[None])[0][0])
+
+
+def run_split(fields: dict, records, cfg: BenchConfig, ws: Workspace, nudge: float | None = None) -> dict:
+    """Every image through one Pipeline configuration, cascade off: scores S (N,), detections
+    {image_id: (K, 6) [x1, y1, x2, y2, score, class]} at train.py's evaluation confidence, and with
+    `nudge` also the scores of each decoded image made that much brighter."""
+    cls_ckpt, det_ckpt = ws.checkpoints()
+    pipe = infer.Pipeline(infer.InferConfig(cls_ckpt=str(cls_ckpt), det_ckpt=str(det_ckpt), cascade=False,
+                                            conf=TrainConfig.eval_conf, device=str(ws.device), **fields))
+    scores, nudged, detections = [], [], {}
+    for r in records:
+        analysis = pipe.analyze(r.path)
+        scores.append(analysis.result["score"])
+        boxes = [[*b["box"], b["score"], b["class_id"]] for b in analysis.result["boxes"]]
+        detections[r.image_id] = np.array(boxes, np.float32).reshape(-1, 6)
+        if nudge is not None:
+            nudged.append(nudged_score(pipe, analysis.image, nudge))
+    return {"scores": np.array(scores), "nudged": np.array(nudged), "detections": detections,
+            "precision": pipe.precision}
+
+
+def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
+    """Issue 11's accuracy guard: each fast configuration against torch fp32 + full decode on a test split:
+    per-image |delta S| (max, mean), AUROC and detection mAP@0.5 (VinDr protocol, train.py's code)."""
+    records = guard_split(cfg, ws, ws.data)
+    y = np.array([r.label for r in records])
+    truth = {r.image_id: (r.boxes, r.classes) for r in records}
+    runs = []
+    for k, (label, fields) in enumerate(guard_settings(cfg)):
+        log(f"guard: {label}: {len(records)} images")
+        try:
+            out = run_split(fields, records, cfg, ws, cfg.guard_nudge if k == 0 else None)
+        except (infer.InferError, DataError) as err:
+            raise BenchError(str(err)) from None
+        out.update(label=label, auroc=auroc(y, out["scores"]) if 0 < y.sum() < len(y) else float("nan"),
+                   map50=100 * evaluate_detections(out["detections"], truth)["map50"])
+        runs.append(out)
+    ref, applies = runs[0], not ws.quick and ws.user_ckpts != (None, None)
+    rows, data = [], {"images": len(records), "abnormal": int(y.sum()), "reference": ref["label"], "rows": []}
+    for r in runs:
+        d = np.abs(r["scores"] - ref["scores"])                                   # (N,)
+        row = {"label": r["label"], "precision": r["precision"], "max_abs_dS": float(d.max()),
+               "mean_abs_dS": float(d.mean()), "worst_image": records[int(d.argmax())].image_id,
+               "auroc": r["auroc"], "d_auroc": r["auroc"] - ref["auroc"], "map50": r["map50"],
+               "d_map50": r["map50"] - ref["map50"]}
+        row["marks"] = {"dS": mark(row["max_abs_dS"], cfg.guard_max_dS, applies),
+                        "auroc": mark(abs(row["d_auroc"]), cfg.guard_max_dauroc, applies),
+                        "map50": mark(abs(row["d_map50"]), cfg.guard_max_dmap50, applies)}
+        data["rows"].append(row)
+        rows.append([f"{r['label']} [{r['precision']}]", f"{row['max_abs_dS']:.4f}", f"{row['mean_abs_dS']:.4f}",
+                     f"{row['auroc']:.4f}", f"{row['d_auroc']:+.4f}", f"{row['map50']:.2f}", f"{row['d_map50']:+.2f}",
+                     *row["marks"].values()])
+    d = np.abs(ref["nudged"] - ref["scores"])                                    # (N,)
+    data["sensitivity"] = {"nudge": cfg.guard_nudge, "max_abs_dS": float(d.max()), "mean_abs_dS": float(d.mean()),
+                           "images_over_target": int((d > cfg.guard_max_dS).sum())}
+    md = [f"## guard: accuracy of the fast paths on {len(records)} {cfg.guard_split} images ({int(y.sum())} abnormal)",
+          "", f"Against {ref['label']}; cascade off, detections at confidence {TrainConfig.eval_conf}. Targets "
+          f"(issue 11): max |ΔS| <= {cfg.guard_max_dS}, |ΔAUROC| <= {cfg.guard_max_dauroc}, "
+          f"|ΔmAP@0.5| <= {cfg.guard_max_dmap50} points"
+          + ("" if applies else "; **untrained or --quick models: no target applies**"), "",
+          md_table(["configuration", "max abs ΔS", "mean abs ΔS", "AUROC", "ΔAUROC", "mAP@0.5", "ΔmAP@0.5",
+                    "ΔS target", "AUROC target", "mAP target"], rows), "",
+          f"The reference's own sensitivity: each full-decode image made brighter by {255 * cfg.guard_nudge:g}/255 "
+          f"(half a display level) moves S by up to {d.max():.4f} (mean {d.mean():.4f}; "
+          f"{int((d > cfg.guard_max_dS).sum())} of {len(records)} images by more than {cfg.guard_max_dS})."]
+    return Section("guard", "\n".join(md), data)
 
 
 # --------------------------------------------------------------------------- app
@@ -929,7 +1056,7 @@ def bench_app(cfg: BenchConfig, ws: Workspace) -> Section:
 # --------------------------------------------------------------------------- command line
 
 BENCHES = {"machine": bench_machine, "decode": bench_decode, "members": bench_members, "yolo": bench_yolo,
-           "train-step": bench_train_step, "infer": bench_infer, "app": bench_app}
+           "train-step": bench_train_step, "infer": bench_infer, "guard": bench_guard, "app": bench_app}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -944,9 +1071,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     run.add_argument("--no-onnx", dest="onnx", action="store_false",
                      help="skip the ONNX exports: yolo's onnxruntime rows, infer's onnx backend")
-    models = parser.add_argument_group("models (infer, app)")
+    models = parser.add_argument_group("models (infer, guard, app)")
     models.add_argument("--cls-ckpt", help="DERNet checkpoint (default: a fresh untrained one)")
     models.add_argument("--det-ckpt", help="detector checkpoint (default: a fresh untrained YOLO11-L)")
+    models.add_argument("--data", type=Path,
+                        help=f"guard: dataset root in the VinDr-SpineXR layout (default {BenchConfig.guard_data})")
     load = parser.add_argument_group("load (app)")
     load.add_argument("--clients", type=int, help=f"concurrent clients (default {BenchConfig.app_clients})")
     load.add_argument("--seconds", type=float, help=f"load duration (default {BenchConfig.app_seconds:.0f})")
@@ -968,7 +1097,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise BenchError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.what == "guard" and not args.quick and not (args.cls_ckpt and args.det_ckpt):
+        raise BenchError("guard compares the fast paths on trained models: pass --cls-ckpt and --det-ckpt "
+                         "(python train.py --stage cls / --stage det)")
     return cfg
+
+
+def skipped(name: str, args: argparse.Namespace) -> str | None:
+    """Why `all` leaves a section out, or None: the guard needs trained models (untrained ones score
+    every image alike and detect nothing, so the comparison would say nothing)."""
+    if name == "guard" and not args.quick and not (args.cls_ckpt and args.det_ckpt):
+        return "## guard\n\nskipped: pass --cls-ckpt and --det-ckpt (trained models) to run the accuracy guard"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -976,13 +1116,16 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        ws = Workspace(cfg, resolve_device(args.device), args.quick, args.cls_ckpt, args.det_ckpt)
+        ws = Workspace(cfg, resolve_device(args.device), args.quick, args.cls_ckpt, args.det_ckpt, args.data)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = {"config": asdict(cfg), "quick": args.quick, "sections": {}}
     try:
         for name in SECTIONS if args.what == "all" else (args.what,):
+            if (why := skipped(name, args)) is not None:
+                print(why + "\n", flush=True)
+                continue
             section = BENCHES[name](cfg, ws)
             print(section.markdown + "\n", flush=True)
             report["sections"][name] = section.data

@@ -109,7 +109,8 @@ def test_yolo(capsys, tmp_path):
     assert rc == 0 and "## yolo" in out
     data = report["sections"]["yolo"]
     ours = [r for r in data["rows"] if r["impl"] == "ours"]
-    assert [r["variant"] for r in ours] == [v[0] for v in bench.yolo_variants(torch.device("cpu"))]
+    precast = [f"{bench.REDUCED_NAMES[d]} fused channels-last, precast" for d in bench.reduced_dtypes(torch.device("cpu"))]
+    assert [r["variant"] for r in ours] == [v[0] for v in bench.yolo_variants(torch.device("cpu"))] + precast
     assert all(r["gflops"] > 0 and r["mark"] == "-" for r in ours)  # --quick: no target applies
     published = [r for r in data["rows"] if r["impl"] == "published"]
     assert published  # timed, or a row saying why it was skipped
@@ -136,6 +137,37 @@ def test_infer(capsys, tmp_path):
         assert set(bench.STAGES) <= set(r["warm_median"]) and r["warm_median"]["total"] > 0
         assert len(r["warm_runs"]) == bench.QUICK["runs"] and r["images_per_s"] > 0
     assert data["results"][0]["precision"] == "fp32"
+
+
+def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
+    # --no-onnx as in test_infer; the tiny untrained models: no target applies, but every figure is computed
+    rc, out, _, report = run_bench(capsys, tmp_path, "guard", "--no-onnx", "--data", str(synthetic_root),
+                                   "--cls-ckpt", str(tiny_models.cls_ckpt), "--det-ckpt", str(tiny_models.det_ckpt))
+    assert rc == 0 and "## guard" in out and "no target applies" in out
+    data = report["sections"]["guard"]
+    assert data["images"] == 8 and data["reference"] == "torch fp32, full decode"
+    assert [r["label"] for r in data["rows"]] == [label for label, _ in bench.guard_settings(bench.BenchConfig(onnx=False))]
+    ref, *others = data["rows"]
+    assert ref["max_abs_dS"] == 0 and ref["d_auroc"] == 0 and ref["d_map50"] == 0   # the reference against itself
+    for row in others:
+        assert 0 <= row["mean_abs_dS"] <= row["max_abs_dS"] < 1 and set(row["marks"].values()) == {"-"}
+    header, *body = table_rows(out)
+    assert header[:2] == ["configuration", "max abs ΔS"] and len(body) == len(data["rows"])
+    sens = data["sensitivity"]
+    assert sens["nudge"] == bench.BenchConfig.guard_nudge and 0 <= sens["mean_abs_dS"] <= sens["max_abs_dS"] < 1
+    assert "The reference's own sensitivity" in out
+
+
+def test_guard_needs_trained_checkpoints(capsys, tmp_path):
+    rc = bench.main(bench.get_args_parser().parse_args(["guard"]))
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and "--cls-ckpt" in err
+
+
+def test_all_skips_the_guard_without_checkpoints():
+    args = bench.get_args_parser().parse_args(["all"])
+    assert "skipped" in bench.skipped("guard", args) and bench.skipped("infer", args) is None
+    assert bench.skipped("guard", bench.get_args_parser().parse_args(["all", "--quick"])) is None
 
 
 def test_app(capsys, tmp_path, tiny_models):
