@@ -8,7 +8,7 @@ measured on this machine, with a pass/MISS mark; nothing is asserted. Sub-comman
                 vs a data.ImageCache hit
     members     DenseNet121 / EfficientNetV2-S / ResNet50 (dernet.Member) and DERNet at 224/384/512,
                 fp32 and bf16 where native (issue 3)
-    yolo        YOLO11-L forward at 640: unfused, fused, channels-last, bf16, ONNX Runtime;
+    yolo        YOLO11-L forward at 640: unfused, fused, channels-last, bf16 (and precast), ONNX Runtime;
                 GFLOP/s against the matmul rate; the published implementation if importable (issue 4)
     train-step  YOLO11-L training step (Eq. 4 loss, backward, AdamW) at 640, batch 2; on CUDA also
                 batch 12 with AMP and the peak memory (issue 5; the paper trained on 8 GB)
@@ -54,6 +54,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, load_split,
                   make_synthetic, prepare_image, to_uint8, write_synthetic_dicom)
@@ -114,8 +115,8 @@ class BenchConfig:
         "fp32 unfused": 0.53,  # REFERENCE §5
         "fp32 fused": 0.41,  # REFERENCE §5, issue 4
         "fp32 fused channels-last": 0.28,  # issue 11
-        # issue 11 (torch.autocast bfloat16), on the layout infer.py runs: contiguous bf16 is ~2.3x slower
-        # here (oneDNN reorders every layer), for the published implementation as for ours
+        # issue 11 (torch.autocast bfloat16), on the layout infer.py runs: contiguous bf16 is 2.3-2.5x slower
+        # here, for the published implementation as for ours
         "bf16 fused channels-last": 0.13,
         "bf16 fused channels-last, precast": 0.13,
         "onnxruntime fp32 fused": 0.21,  # issue 11
@@ -791,7 +792,7 @@ def nudged_score(pipe, image: np.ndarray, nudge: float) -> float:
     return float(pipe.backend.score(torch.from_numpy(x)[None])[0][0])
 
 
-def run_split(fields: dict, records, cfg: BenchConfig, ws: Workspace, nudge: float | None = None) -> dict:
+def run_split(label: str, fields: dict, records, cfg: BenchConfig, ws: Workspace, nudge: float | None = None) -> dict:
     """Every image through one Pipeline configuration, cascade off: scores S (N,), detections
     {image_id: (K, 6) [x1, y1, x2, y2, score, class]} at train.py's evaluation confidence, and with
     `nudge` also the scores of each decoded image made that much brighter."""
@@ -799,7 +800,7 @@ def run_split(fields: dict, records, cfg: BenchConfig, ws: Workspace, nudge: flo
     pipe = infer.Pipeline(infer.InferConfig(cls_ckpt=str(cls_ckpt), det_ckpt=str(det_ckpt), cascade=False,
                                             conf=TrainConfig.eval_conf, device=str(ws.device), **fields))
     scores, nudged, detections = [], [], {}
-    for r in records:
+    for r in tqdm(records, desc=f"guard: {label}", leave=False, disable=ws.quick):
         analysis = pipe.analyze(r.path)
         scores.append(analysis.result["score"])
         boxes = [[*b["box"], b["score"], b["class_id"]] for b in analysis.result["boxes"]]
@@ -833,9 +834,8 @@ def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
     truth = {r.image_id: (r.boxes, r.classes) for r in records}
     runs = []
     for k, (label, fields) in enumerate(guard_settings(cfg)):
-        log(f"guard: {label}: {len(records)} images")
         try:
-            out = run_split(fields, records, cfg, ws, cfg.guard_nudge if k == 0 else None)
+            out = run_split(label, fields, records, cfg, ws, cfg.guard_nudge if k == 0 else None)
         except (infer.InferError, DataError) as err:
             raise BenchError(str(err)) from None
         out.update(label=label, auroc=auroc(y, out["scores"]) if 0 < y.sum() < len(y) else float("nan"),

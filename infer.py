@@ -14,7 +14,10 @@ Preprocessing is the one training and evaluation use (data.prepare_image: shrink
 then CLAHE, Eq. 1; classifier letterbox black, detector letterbox grey 114), so with --no-fast-decode
 a score here equals train.py's evaluation score for the same file. The models are loaded, Conv+BN
 fused (detector), put in channels-last memory and warmed once per process; --precision auto runs
-bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and fp16/bf16 on CUDA, else fp32.
+bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and fp16/bf16 on CUDA, else fp32,
+with the weights autocast converts stored in that precision once (precast). Detector boxes decode in
+fp32 whatever the precision. python bench.py infer times all of it, python bench.py guard checks its
+accuracy against fp32 + full decode (issue 11).
 The same cascade runs on ONNX Runtime (--backend onnx) from two self-contained files written by
 --export onnx. Grad-CAM and LIME (Fig. 4a-b) explain the ensemble score.
 
@@ -550,8 +553,9 @@ def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Autocast keeps fp32 master weights and converts each one at every forward (its cast cache lives for
     one autocast region): ~55 M DERNet and ~25 M YOLO11-L parameters read and rewritten per image.
     Converting them ahead gives the same arithmetic, bit for bit (tested), and saved here (bf16, one
-    image) DenseNet121 2, EfficientNetV2-S 6, ResNet50 5 ms at 384 and YOLO11-L 4 ms at 640. Other
-    layers (BatchNorm of the unfused members) keep fp32, as under autocast. In place; returns model."""
+    image) DenseNet121 2, EfficientNetV2-S 6, ResNet50 5 ms at 384; YOLO11-L at 640 gained 0-10 ms
+    (within run-to-run noise, bench.py yolo). Other layers (BatchNorm of the unfused members) keep
+    fp32, as under autocast. In place; returns model."""
     for layer in model.modules():
         if isinstance(layer, AUTOCAST_LAYERS):
             layer.to(dtype)

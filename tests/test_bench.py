@@ -109,7 +109,8 @@ def test_yolo(capsys, tmp_path):
     assert rc == 0 and "## yolo" in out
     data = report["sections"]["yolo"]
     ours = [r for r in data["rows"] if r["impl"] == "ours"]
-    precast = [f"{bench.REDUCED_NAMES[d]} fused channels-last, precast" for d in bench.reduced_dtypes(torch.device("cpu"))]
+    precast = [f"{bench.REDUCED_NAMES[d]} fused channels-last, precast"
+               for d in bench.reduced_dtypes(torch.device("cpu"))]
     assert [r["variant"] for r in ours] == [v[0] for v in bench.yolo_variants(torch.device("cpu"))] + precast
     assert all(r["gflops"] > 0 and r["mark"] == "-" for r in ours)  # --quick: no target applies
     published = [r for r in data["rows"] if r["impl"] == "published"]
@@ -146,7 +147,8 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     assert rc == 0 and "## guard" in out and "no target applies" in out
     data = report["sections"]["guard"]
     assert data["images"] == 8 and data["reference"] == "torch fp32, full decode"
-    assert [r["label"] for r in data["rows"]] == [label for label, _ in bench.guard_settings(bench.BenchConfig(onnx=False))]
+    expected = [label for label, _ in bench.guard_settings(bench.BenchConfig(onnx=False))]
+    assert [r["label"] for r in data["rows"]] == expected
     ref, *others = data["rows"]
     assert ref["max_abs_dS"] == 0 and ref["d_auroc"] == 0 and ref["d_map50"] == 0   # the reference against itself
     for row in others:
@@ -162,6 +164,12 @@ def test_guard_needs_trained_checkpoints(capsys, tmp_path):
     rc = bench.main(bench.get_args_parser().parse_args(["guard"]))
     _, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1 and "--cls-ckpt" in err
+
+
+def test_guard_without_a_test_split_is_one_line_exit_2(capsys, tmp_path, tiny_models):
+    rc, out, err, _ = run_bench(capsys, tmp_path, "guard", "--data", str(tmp_path / "nowhere"),
+                                "--cls-ckpt", str(tiny_models.cls_ckpt), "--det-ckpt", str(tiny_models.det_ckpt))
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "nowhere" in err and "--data" in err
 
 
 def test_all_skips_the_guard_without_checkpoints():
