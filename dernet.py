@@ -206,9 +206,11 @@ class DERNet(nn.Module):
         self.omega.copy_(torch.tensor(check_omega(omega, len(self.members))))
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, H, W) -> P_m(abnormal | x) for each member, (B, M) in MEMBERS order."""
+        """x (B, 1, H, W) -> P_m(abnormal | x) for each member, (B, M) in MEMBERS order, in fp32 also
+        under a bf16 / fp16 autocast: a bf16 sigmoid moves in steps of 1/256 near 1 (0.984375, 0.98828,
+        ..., 1.0), so confident images would tie and AUROC, tau and the vote would see coarse scores."""
         logits = [m(resize_to(x, self.image_sizes[name])) for name, m in self.members.items()]
-        return torch.sigmoid(torch.stack(logits, dim=1))   # (B, M)
+        return torch.sigmoid(torch.stack(logits, dim=1).float())   # (B, M)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return soft_vote(self.member_probs(x), self.omega)   # (B,) Eq. 2

@@ -1228,7 +1228,7 @@ def predict_probs(prob_fn: Callable, dataset, cfg: TrainConfig, rt: Runtime, bat
 
 def member_prob_fn(member: nn.Module) -> Callable:
     member.eval()
-    return lambda x: torch.sigmoid(member(x))
+    return lambda x: torch.sigmoid(member(x).float())  # fp32 under autocast, as DERNet.member_probs
 
 
 def dernet_prob_fn(dernet: DERNet) -> Callable:

@@ -158,6 +158,23 @@ def test_dernet_forward_is_eq2_and_resizes_per_member():
     assert [stubs[n].seen_sizes[0] for n in MEMBERS] == [(32, 32), (48, 48), (SIZE, SIZE)]
 
 
+class Bf16Logit(ConstantLogit):
+    """Logits in bf16, as a member's last Linear layer yields them under a bf16 autocast."""
+
+    def forward(self, x):
+        return super().forward(x).to(torch.bfloat16)
+
+
+def test_member_probs_are_fp32_under_bf16_autocast():
+    logits = {"densenet121": [6.0, 4.25], "efficientnet_v2_s": [5.125, 0.25], "resnet50": [4.875, -3.0]}  # bf16-exact
+    model = DERNet({name: Bf16Logit(v) for name, v in logits.items()}, tau=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = model.member_probs(torch.rand(2, 1, SIZE, SIZE))
+    expected = torch.sigmoid(torch.tensor([logits[n] for n in MEMBERS]).T)   # fp32 sigmoid
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected)   # a bf16 sigmoid: 0.99609 for 6.0 and 5.125 alike
+
+
 def test_resize_to_matches_pil_antialiased_bilinear():
     rng = np.random.default_rng(0)
     img = rng.random((64, 64), dtype=np.float32)

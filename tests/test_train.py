@@ -526,6 +526,16 @@ def test_cls_autocast_uses_native_cpu_bf16_only(monkeypatch, precision, native, 
     assert y.dtype == (expected or torch.float32)
 
 
+def test_member_probabilities_are_fp32_under_autocast():
+    torch.manual_seed(0)
+    member = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1), torch.nn.Flatten(0))  # (B,) logits
+    x = torch.randn(8, 1, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, probs = member(x), train.member_prob_fn(member)(x)
+    assert logits.dtype == torch.bfloat16 and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, torch.sigmoid(logits.float()))   # sigmoid of the bf16 logits, in fp32
+
+
 # --- end-to-end runs on the tiny synthetic set (tests/conftest.py): outputs, resume, DDP, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
