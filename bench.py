@@ -54,6 +54,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, load_split,
@@ -292,8 +294,8 @@ class Workspace:
     DICOM, the checkpoints and the matmul rates."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device, quick: bool, cls_ckpt=None, det_ckpt=None,
-                 data=None):
-        self.cfg, self.device, self.quick, self.data = cfg, device, quick, data
+                 data=None, plots=None):
+        self.cfg, self.device, self.quick, self.data, self.plots = cfg, device, quick, data, plots
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-")
         self.dir = Path(self.tmp.name)
         self.user_ckpts = (cls_ckpt, det_ckpt)
@@ -825,6 +827,26 @@ def guard_row(run: dict, ref: dict, records, cfg: BenchConfig, applies: bool) ->
     return row
 
 
+def plot_guard(runs: list[dict], cfg: BenchConfig, path: Path) -> Path:
+    """One panel per fast configuration: S - S_ref against S_ref per image, the +-target band, and in grey
+    the reference's own change when its images get half a display level brighter."""
+    ref, others = runs[0], runs[1:]
+    fig = Figure(figsize=(3.2 * len(others), 3.4))
+    for k, run in enumerate(others):
+        ax = fig.add_subplot(1, len(others), k + 1, sharey=fig.axes[0] if k else None)
+        ax.scatter(ref["scores"], ref["nudged"] - ref["scores"], s=8, color="lightgray",
+                   label=f"reference, +{255 * cfg.guard_nudge:g}/255")
+        ax.scatter(ref["scores"], run["scores"] - ref["scores"], s=8, color="tab:blue", label="this configuration")
+        for y in (-cfg.guard_max_dS, cfg.guard_max_dS):
+            ax.axhline(y, color="tab:red", ls=":", lw=1)
+        ax.set(title=run["label"], xlabel="S (torch fp32, full decode)", xlim=(0, 1))
+        ax.title.set_fontsize(9)
+    fig.axes[0].set_ylabel("ΔS")
+    fig.axes[0].legend(fontsize=7, loc="lower left")
+    FigureCanvasAgg(fig)  # Agg canvas for this figure only; no global backend switch
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
 def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
     """Issue 11's accuracy guard: each fast configuration against torch fp32 + full decode on a test split:
     per-image |delta S| (max, mean), AUROC and detection mAP@0.5 (VinDr protocol, train.py's code); and
@@ -860,6 +882,9 @@ def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
           f"The reference's own sensitivity: each full-decode image made brighter by {255 * cfg.guard_nudge:g}/255 "
           f"(half a display level) moves S by up to {sens['max_abs_dS']:.4f} (mean {sens['mean_abs_dS']:.4f}; "
           f"{sens['images_over_dS']} of {len(records)} images by more than {cfg.guard_max_dS})."]
+    if ws.plots is not None:
+        data["plot"] = str(plot_guard(runs, cfg, ws.plots / "guard.png"))
+        md += ["", f"Plot: {data['plot']}"]
     return Section("guard", "\n".join(md), data)
 
 
@@ -1090,6 +1115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     load.add_argument("--seconds", type=float, help=f"load duration (default {BenchConfig.app_seconds:.0f})")
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    out.add_argument("--plots", type=Path, help="guard: write guard.png (ΔS against S per configuration) here")
     return parser
 
 
@@ -1102,6 +1128,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--runs, --threads, --clients and --seconds must be positive and --warmup not negative")
     if args.json and not args.json.resolve().parent.is_dir():
         raise BenchError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+    if args.plots and not args.plots.is_dir():
+        raise BenchError(f"--plots {args.plots}: no such folder")
     for flag in ("cls_ckpt", "det_ckpt"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -1125,7 +1153,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        ws = Workspace(cfg, resolve_device(args.device), args.quick, args.cls_ckpt, args.det_ckpt, args.data)
+        ws = Workspace(cfg, resolve_device(args.device), args.quick, args.cls_ckpt, args.det_ckpt, args.data,
+                       args.plots)
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

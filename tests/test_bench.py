@@ -143,7 +143,8 @@ def test_infer(capsys, tmp_path):
 def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     # --no-onnx as in test_infer; the tiny untrained models: no target applies, but every figure is computed
     rc, out, _, report = run_bench(capsys, tmp_path, "guard", "--no-onnx", "--data", str(synthetic_root),
-                                   "--cls-ckpt", str(tiny_models.cls_ckpt), "--det-ckpt", str(tiny_models.det_ckpt))
+                                   "--cls-ckpt", str(tiny_models.cls_ckpt), "--det-ckpt", str(tiny_models.det_ckpt),
+                                   "--plots", str(tmp_path))
     assert rc == 0 and "## guard" in out and "no target applies" in out
     data = report["sections"]["guard"]
     assert data["images"] == 8 and data["reference"] == "torch fp32, full decode"
@@ -158,6 +159,7 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     sens = data["sensitivity"]
     assert sens["nudge"] == bench.BenchConfig.guard_nudge and 0 <= sens["mean_abs_dS"] <= sens["max_abs_dS"] < 1
     assert "The reference's own sensitivity" in out
+    assert data["plot"] == str(tmp_path / "guard.png") and (tmp_path / "guard.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_guard_needs_trained_checkpoints(capsys, tmp_path):
@@ -170,6 +172,11 @@ def test_guard_without_a_test_split_is_one_line_exit_2(capsys, tmp_path, tiny_mo
     rc, out, err, _ = run_bench(capsys, tmp_path, "guard", "--data", str(tmp_path / "nowhere"),
                                 "--cls-ckpt", str(tiny_models.cls_ckpt), "--det-ckpt", str(tiny_models.det_ckpt))
     assert rc == 2 and out == "" and err.count("\n") == 1 and "nowhere" in err and "--data" in err
+
+
+def test_plots_into_a_missing_folder_is_one_line_exit_2(capsys, tmp_path):
+    rc, out, err, _ = run_bench(capsys, tmp_path, "guard", "--plots", str(tmp_path / "nowhere"))
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "--plots" in err
 
 
 def test_all_skips_the_guard_without_checkpoints():
