@@ -21,7 +21,7 @@ measured on this machine, with a pass/MISS mark; nothing is asserted. Sub-comman
     python bench.py machine
     python bench.py yolo --json yolo.json
     python bench.py infer --cls-ckpt runs/cls/NAME/dernet.pt --det-ckpt runs/det/NAME/best.pt
-    python bench.py guard --cls-ckpt runs/cls/NAME/dernet.pt --det-ckpt runs/det/NAME/best.pt
+    python bench.py guard --cls-ckpt runs/cls/NAME/dernet.pt --det-ckpt runs/det/NAME/best.pt --plots docs
     python bench.py all --json bench.json        # everything: long (10+ minutes on 2 CPU cores)
     python bench.py all --quick                  # tiny models and inputs: checks that it runs (1-2 min)
 
