@@ -13,11 +13,13 @@ What this file implements, in reading order:
   6. A synthetic dataset in the exact VinDr-SpineXR layout: radiograph-like AP and lateral spine
      images with all 7 lesion classes, exact boxes and per-lesion masks. It is the embedded
      default for every other script, since the real data is credentialed.
+  7. A montage of a dataset: annotated images above the classifier input they become.
 
 Commands:
     python data.py synth --out data/synthetic            # write the synthetic VinDr-format set
     python data.py synth --out DIR --train 400 --test 100 --seed 42
     python data.py info path/to/image.dicom              # metadata + a one-line decode check
+    python data.py montage --out docs/synthetic_montage.png   # annotated images + classifier input
 """
 
 import argparse
@@ -1666,6 +1668,94 @@ def make_synthetic(out_dir, n_train: int = DataConfig.synth_train, n_test: int =
 
 
 # -----------------------------------------------------------------------------
+# 7. A look at a dataset: annotated images and what the classifier sees
+
+CLASS_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                 (145, 30, 180), (70, 240, 240))  # RGB, one per LT class (distinct on grey); infer.py too
+MONTAGE_TILE = 230  # px per tile side
+MONTAGE_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def pick_montage(records: list[Record], n: int, n_normal: int) -> list[Record]:
+    """n images: abnormal ones chosen greedily to show the most classes not yet shown (ties: more
+    boxes first, then file order), then n_normal normal ones."""
+    abnormal, normal = [r for r in records if r.label], [r for r in records if not r.label]
+    chosen, seen = [], set()
+    while len(chosen) < n - n_normal and len(chosen) < len(abnormal):
+        left = [r for r in abnormal if r not in chosen]
+        best = max(left, key=lambda r: (len(set(r.classes.tolist()) - seen), len(r.boxes)))
+        chosen.append(best)
+        seen |= set(best.classes.tolist())
+    return chosen + normal[: n - len(chosen)]
+
+
+def _tile(gray_u8: np.ndarray, tile: int) -> tuple[np.ndarray, float]:
+    """(h, w) uint8 -> (tile, tile, 3) RGB, the image scaled to fit and centred on white, and the scale."""
+    scale = tile / max(gray_u8.shape)
+    h, w = (max(1, round(v * scale)) for v in gray_u8.shape)
+    small = cv2.resize(gray_u8, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    out = np.full((tile, tile, 3), 255, np.uint8)
+    y0, x0 = (tile - h) // 2, (tile - w) // 2
+    out[y0:y0 + h, x0:x0 + w] = small[..., None]
+    return out, scale
+
+
+def _annotated_tile(record: Record, tile: int) -> np.ndarray:
+    """The display image with each lesion's mask outline (or its box, without masks) and LT code."""
+    img, _ = load_image(record.path)
+    rgb, scale = _tile(to_uint8(img), tile)
+    offset = np.array([(tile - round(img.shape[1] * scale)) // 2, (tile - round(img.shape[0] * scale)) // 2])
+    for k, (box, c) in enumerate(zip(record.boxes, record.classes)):
+        colour = CLASS_COLOURS[int(c) % len(CLASS_COLOURS)]
+        if record.mask_paths:
+            mask = cv2.imread(str(record.mask_paths[k]), cv2.IMREAD_GRAYSCALE)
+            contours, _ = cv2.findContours((mask > 127).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            contours = [np.round(cnt * scale).astype(np.int32) + offset for cnt in contours]
+            cv2.drawContours(rgb, contours, -1, colour, 1, cv2.LINE_AA)
+        else:
+            x1, y1, x2, y2 = (np.round(box * scale).reshape(2, 2) + offset).reshape(-1).astype(int)
+            cv2.rectangle(rgb, (x1, y1), (x2, y2), colour, 1)
+        x, y = (np.round(box[:2] * scale) + offset).astype(int)
+        cv2.putText(rgb, LT_CODES[int(c)], (int(x), max(int(y) - 2, 8)), MONTAGE_FONT, 0.35, colour, 1, cv2.LINE_AA)
+    return rgb
+
+
+def _legend(width: int, caption: str) -> np.ndarray:
+    """Two text rows: a colour key per class, then the caption."""
+    out = np.full((44, width, 3), 255, np.uint8)
+    x = 6
+    for code, name, colour in zip(LT_CODES, CLASSES, CLASS_COLOURS):
+        cv2.rectangle(out, (x, 6), (x + 10, 16), colour, -1)
+        text = f"{code} {name}"
+        cv2.putText(out, text, (x + 14, 16), MONTAGE_FONT, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 22 + cv2.getTextSize(text, MONTAGE_FONT, 0.35, 1)[0][0]
+    cv2.putText(out, caption, (6, 36), MONTAGE_FONT, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def write_montage(records: list[Record], out, n: int = 6, n_normal: int = 2, input_size: int = 128,
+                  tile: int = MONTAGE_TILE, hyp: DataConfig = DataConfig()) -> Path:
+    """PNG of n images (pick_montage): top row the loaded, display-ready images with their lesions, bottom
+    row the CLAHE'd classifier input at input_size (prepare_image, Eq. 1), then a colour key."""
+    chosen = pick_montage(records, n, n_normal)
+    if not chosen:
+        raise DataError("no images to show")
+    top = [_annotated_tile(r, tile) for r in chosen]
+    bottom = [_tile(prepare_image(load_image(r.path)[0], input_size, clip_limit=hyp.clahe_clip,
+                                  tile_grid=hyp.clahe_tiles), tile)[0] for r in chosen]
+    gap = np.full((tile, 4, 3), 255, np.uint8)
+    rows = [np.hstack([x for t in tiles for x in (t, gap)][:-1]) for tiles in (top, bottom)]
+    n_norm = sum(1 for r in chosen if not r.label)
+    caption = (f"top: loaded image (display-ready) with lesion {'masks' if chosen[0].mask_paths else 'boxes'} "
+               f"and LT codes; bottom: {input_size}-px CLAHE'd classifier input (Eq. 1)"
+               + (f"; last {n_norm} normal" if n_norm else ""))
+    image = np.vstack([rows[0], np.full((4, rows[0].shape[1], 3), 255, np.uint8), rows[1],
+                       _legend(rows[0].shape[1], caption)])
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return atomic_write(out, lambda tmp: tmp.write_bytes(png.tobytes()))
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -1681,6 +1771,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--test", type=int, default=DataConfig.synth_test, help="images in the test split")
     group.add_argument("--seed", type=int, default=DataConfig.seed)
     group.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU core)")
+    montage = sub.add_parser("montage", help="PNG of annotated images and their classifier input")
+    montage.add_argument("--data", default="data/synthetic", help="dataset root in the VinDr-SpineXR layout")
+    montage.add_argument("--split", default="test", choices=("train", "test"))
+    montage.add_argument("--out", required=True, help="PNG file to write")
+    montage.add_argument("--images", type=int, default=6, help="images shown (abnormal ones first)")
+    montage.add_argument("--normal", type=int, default=2, help="of which normal images")
+    montage.add_argument("--input-size", type=int, default=128, help="classifier input size shown (demo: 128)")
     info = sub.add_parser("info", help="print an image's metadata and check that it decodes")
     info.add_argument("path", help="DICOM, PNG or JPEG file")
     info.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels)
@@ -1695,6 +1792,13 @@ def main(args: argparse.Namespace) -> int:
         out = make_synthetic(args.out, args.train, args.test, args.seed, overwrite=args.overwrite,
                              workers=args.workers)
         print(f"wrote {args.train} + {args.test} synthetic images to {out} in {time.perf_counter() - t0:.1f} s")
+    elif args.command == "montage":
+        if not 0 <= args.normal <= args.images or args.images < 1 or args.input_size < 16:
+            raise DataError("need --images >= 1, 0 <= --normal <= --images and --input-size >= 16")
+        if not Path(args.out).resolve().parent.is_dir():
+            raise DataError(f"--out {args.out}: the folder does not exist")
+        out = write_montage(load_split(args.data, args.split), args.out, args.images, args.normal, args.input_size)
+        print(f"wrote {out}")
     elif args.command == "info":
         t0 = time.perf_counter()
         img, meta = load_image(args.path, max_pixels=args.max_pixels)

@@ -63,8 +63,9 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import pairwise_distances
 from tqdm import tqdm
 
-from data import (CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write, boxes_from_letterbox,
-                  classifier_input, detector_canvas, letterbox_geometry, load_image, prepare_image, sniff_format)
+from data import (CLASS_COLOURS, CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write,
+                  boxes_from_letterbox, classifier_input, detector_canvas, letterbox_geometry, load_image,
+                  prepare_image, sniff_format)
 from dernet import DERNet, load_dernet, resize_to, soft_vote
 from train import CheckpointError, channels_last, image_region, load_checkpoint, native_bf16
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
@@ -988,8 +989,6 @@ class OnnxBackend:
 
 # --- rendering: the annotated image (OpenCV drawing)
 
-CLASS_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                 (145, 30, 180), (70, 240, 240))   # RGB, one per LT class (distinct on grey)
 MASK_ALPHA = 0.35        # mask fill opacity
 DRAW_SCALE = 600         # px of image long side per unit of OpenCV font scale / line thickness
 FONT = cv2.FONT_HERSHEY_SIMPLEX

@@ -712,3 +712,30 @@ def test_cli_synth(tmp_path, capsys):
     code, out, _ = _cli(["synth", "--out", str(tmp_path / "s"), "--train", "2", "--test", "2",
                          "--workers", "1"], capsys)
     assert code == 0 and len(D.load_split(tmp_path / "s", "test")) == 2
+
+
+# --- montage
+
+
+def test_pick_montage_shows_most_classes_then_normals(synth):
+    records = D.load_split(synth, "test")
+    chosen = D.pick_montage(records, 6, 2)
+    assert len(chosen) == 6 and [r.label for r in chosen] == [1, 1, 1, 1, 0, 0]
+    shown = set().union(*(set(r.classes.tolist()) for r in chosen))
+    best_single = max(len(set(r.classes.tolist())) for r in records)
+    assert len(set(chosen[0].classes.tolist())) == best_single      # greedy: the richest image first
+    every = set().union(*(set(r.classes.tolist()) for r in records if r.label))
+    assert len(shown) >= min(len(every), best_single + 3)           # each pick adds classes while it can
+
+
+def test_montage_png_and_cli(synth, tmp_path, capsys):
+    out = D.write_montage(D.load_split(synth, "test"), tmp_path / "m.png", n=4, n_normal=1, input_size=64, tile=96)
+    img = cv2.imread(str(out))
+    assert img.shape == (2 * 96 + 4 + 44, 4 * 96 + 3 * 4, 3)
+    assert (img[:96] != 255).any(axis=2).mean() > 0.3                # the images are drawn, not blank tiles
+    code, stdout, _ = _cli(["montage", "--data", str(synth), "--out", str(tmp_path / "c.png"), "--images", "3"],
+                           capsys)
+    assert code == 0 and (tmp_path / "c.png").is_file() and "wrote" in stdout
+    for bad in (["--images", "2", "--normal", "3"], ["--data", str(tmp_path / "none")]):
+        code, _, err = _cli(["montage", "--out", str(tmp_path / "d.png"), *bad], capsys)
+        assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
