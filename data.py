@@ -1673,38 +1673,41 @@ def make_synthetic(out_dir, n_train: int = DataConfig.synth_train, n_test: int =
 CLASS_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                  (145, 30, 180), (70, 240, 240))  # RGB, one per LT class (distinct on grey); infer.py too
 MONTAGE_TILE = 230  # px per tile side
-MONTAGE_FONT = cv2.FONT_HERSHEY_SIMPLEX
+MONTAGE_GAP = 4  # px of white between tiles and rows
+MONTAGE_LEGEND = 44  # px height of the colour key and caption
+MONTAGE_FONT, MONTAGE_FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+WHITE = 255
 
 
 def pick_montage(records: list[Record], n: int, n_normal: int) -> list[Record]:
     """n images: abnormal ones chosen greedily to show the most classes not yet shown (ties: more
     boxes first, then file order), then n_normal normal ones."""
     abnormal, normal = [r for r in records if r.label], [r for r in records if not r.label]
-    chosen, seen = [], set()
-    while len(chosen) < n - n_normal and len(chosen) < len(abnormal):
-        left = [r for r in abnormal if r not in chosen]
-        best = max(left, key=lambda r: (len(set(r.classes.tolist()) - seen), len(r.boxes)))
+    chosen, taken, seen = [], set(), set()
+    while len(chosen) < min(n - n_normal, len(abnormal)):
+        best = max((r for r in abnormal if r.image_id not in taken),
+                   key=lambda r: (len(set(r.classes.tolist()) - seen), len(r.boxes)))
         chosen.append(best)
+        taken.add(best.image_id)
         seen |= set(best.classes.tolist())
     return chosen + normal[: n - len(chosen)]
 
 
-def _tile(gray_u8: np.ndarray, tile: int) -> tuple[np.ndarray, float]:
-    """(h, w) uint8 -> (tile, tile, 3) RGB, the image scaled to fit and centred on white, and the scale."""
+def _tile(gray_u8: np.ndarray, tile: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """(h, w) uint8 -> (tile, tile, 3) RGB with the image scaled to fit and centred on white; the scale
+    and the (x, y) offset that map image px to tile px: tile = image * scale + offset."""
     scale = tile / max(gray_u8.shape)
     h, w = (max(1, round(v * scale)) for v in gray_u8.shape)
     small = cv2.resize(gray_u8, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    out = np.full((tile, tile, 3), 255, np.uint8)
-    y0, x0 = (tile - h) // 2, (tile - w) // 2
+    out = np.full((tile, tile, 3), WHITE, np.uint8)
+    x0, y0 = (tile - w) // 2, (tile - h) // 2
     out[y0:y0 + h, x0:x0 + w] = small[..., None]
-    return out, scale
+    return out, scale, np.array([x0, y0])
 
 
-def _annotated_tile(record: Record, tile: int) -> np.ndarray:
+def _annotated_tile(img: np.ndarray, record: Record, tile: int) -> np.ndarray:
     """The display image with each lesion's mask outline (or its box, without masks) and LT code."""
-    img, _ = load_image(record.path)
-    rgb, scale = _tile(to_uint8(img), tile)
-    offset = np.array([(tile - round(img.shape[1] * scale)) // 2, (tile - round(img.shape[0] * scale)) // 2])
+    rgb, scale, offset = _tile(to_uint8(img), tile)
     for k, (box, c) in enumerate(zip(record.boxes, record.classes)):
         colour = CLASS_COLOURS[int(c) % len(CLASS_COLOURS)]
         if record.mask_paths:
@@ -1716,21 +1719,27 @@ def _annotated_tile(record: Record, tile: int) -> np.ndarray:
             x1, y1, x2, y2 = (np.round(box * scale).reshape(2, 2) + offset).reshape(-1).astype(int)
             cv2.rectangle(rgb, (x1, y1), (x2, y2), colour, 1)
         x, y = (np.round(box[:2] * scale) + offset).astype(int)
-        cv2.putText(rgb, LT_CODES[int(c)], (int(x), max(int(y) - 2, 8)), MONTAGE_FONT, 0.35, colour, 1, cv2.LINE_AA)
+        cv2.putText(rgb, LT_CODES[int(c)], (int(x), max(int(y) - 2, 8)), MONTAGE_FONT, MONTAGE_FONT_SCALE, colour,
+                    1, cv2.LINE_AA)
     return rgb
 
 
 def _legend(width: int, caption: str) -> np.ndarray:
     """Two text rows: a colour key per class, then the caption."""
-    out = np.full((44, width, 3), 255, np.uint8)
+    out = np.full((MONTAGE_LEGEND, width, 3), WHITE, np.uint8)
     x = 6
     for code, name, colour in zip(LT_CODES, CLASSES, CLASS_COLOURS):
         cv2.rectangle(out, (x, 6), (x + 10, 16), colour, -1)
         text = f"{code} {name}"
-        cv2.putText(out, text, (x + 14, 16), MONTAGE_FONT, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-        x += 22 + cv2.getTextSize(text, MONTAGE_FONT, 0.35, 1)[0][0]
-    cv2.putText(out, caption, (6, 36), MONTAGE_FONT, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(out, text, (x + 14, 16), MONTAGE_FONT, MONTAGE_FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+        x += 22 + cv2.getTextSize(text, MONTAGE_FONT, MONTAGE_FONT_SCALE, 1)[0][0]
+    cv2.putText(out, caption, (6, 36), MONTAGE_FONT, MONTAGE_FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def _row(tiles: list[np.ndarray]) -> np.ndarray:
+    gap = np.full((tiles[0].shape[0], MONTAGE_GAP, 3), WHITE, np.uint8)
+    return np.hstack([x for t in tiles for x in (gap, t)][1:])
 
 
 def write_montage(records: list[Record], out, n: int = 6, n_normal: int = 2, input_size: int = 128,
@@ -1740,18 +1749,17 @@ def write_montage(records: list[Record], out, n: int = 6, n_normal: int = 2, inp
     chosen = pick_montage(records, n, n_normal)
     if not chosen:
         raise DataError("no images to show")
-    top = [_annotated_tile(r, tile) for r in chosen]
-    bottom = [_tile(prepare_image(load_image(r.path)[0], input_size, clip_limit=hyp.clahe_clip,
-                                  tile_grid=hyp.clahe_tiles), tile)[0] for r in chosen]
-    gap = np.full((tile, 4, 3), 255, np.uint8)
-    rows = [np.hstack([x for t in tiles for x in (t, gap)][:-1]) for tiles in (top, bottom)]
+    images = [load_image(r.path)[0] for r in chosen]                         # each decoded once
+    top = _row([_annotated_tile(img, r, tile) for img, r in zip(images, chosen)])
+    bottom = _row([_tile(prepare_image(img, input_size, clip_limit=hyp.clahe_clip, tile_grid=hyp.clahe_tiles),
+                         tile)[0] for img in images])
     n_norm = sum(1 for r in chosen if not r.label)
     caption = (f"top: loaded image (display-ready) with lesion {'masks' if chosen[0].mask_paths else 'boxes'} "
                f"and LT codes; bottom: {input_size}-px CLAHE'd classifier input (Eq. 1)"
                + (f"; last {n_norm} normal" if n_norm else ""))
-    image = np.vstack([rows[0], np.full((4, rows[0].shape[1], 3), 255, np.uint8), rows[1],
-                       _legend(rows[0].shape[1], caption)])
-    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    image = np.vstack([top, np.full((MONTAGE_GAP, top.shape[1], 3), WHITE, np.uint8), bottom,
+                       _legend(top.shape[1], caption)])
+    _, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     return atomic_write(out, lambda tmp: tmp.write_bytes(png.tobytes()))
 
 

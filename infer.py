@@ -592,13 +592,10 @@ class TorchBackend:
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 1, S, S) -> (S (B,), P (B, M)) in fp32: member logits under autocast, then the sigmoid
-        and Eq. 2 in fp32 (DERNet.forward, with the vote kept out of reduced precision)."""
-        x = channels_last(x.to(self.device))
+        """x (B, 1, S, S) -> (S (B,), P (B, M)) in fp32: the members under autocast (their sigmoid is
+        fp32, DERNet.member_probs), then Eq. 2 outside it (the vote is a matmul autocast would run in bf16)."""
         with self._autocast():
-            logits = torch.stack([member(resize_to(x, self.dernet.image_sizes[name]))
-                                  for name, member in self.dernet.members.items()], 1)   # (B, M)
-        probs = torch.sigmoid(logits.float())
+            probs = self.dernet.member_probs(channels_last(x.to(self.device)))   # (B, M) fp32
         return soft_vote(probs, self.dernet.omega).cpu(), probs.cpu()
 
     @torch.inference_mode()
