@@ -472,7 +472,7 @@ def bench_members(cfg: BenchConfig, ws: Workspace) -> Section:
 # --------------------------------------------------------------------------- yolo
 
 
-REDUCED_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+REDUCED_NAMES = {dtype: name for name, dtype in infer.AUTOCAST_DTYPES.items()}  # torch.bfloat16 -> "bf16"
 
 
 def reduced_dtypes(device: torch.device) -> list[torch.dtype]:
@@ -1119,6 +1119,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def guard_lacks_models(args: argparse.Namespace) -> bool:
+    """The guard compares trained models (untrained ones score every image alike and detect nothing, so
+    the comparison would say nothing); --quick runs it on the tiny fresh ones only to check the code."""
+    return not args.quick and not (args.cls_ckpt and args.det_ckpt)
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = replace(BenchConfig(), **QUICK) if args.quick else BenchConfig()
     overrides = {"runs": args.runs, "warmup": args.warmup, "app_clients": args.clients, "app_seconds": args.seconds}
@@ -1134,16 +1140,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise BenchError(f"--{flag.replace('_', '-')} {path}: no such file")
-    if args.what == "guard" and not args.quick and not (args.cls_ckpt and args.det_ckpt):
+    if args.what == "guard" and guard_lacks_models(args):
         raise BenchError("guard compares the fast paths on trained models: pass --cls-ckpt and --det-ckpt "
                          "(python train.py --stage cls / --stage det)")
     return cfg
 
 
 def skipped(name: str, args: argparse.Namespace) -> str | None:
-    """Why `all` leaves a section out, or None: the guard needs trained models (untrained ones score
-    every image alike and detect nothing, so the comparison would say nothing)."""
-    if name == "guard" and not args.quick and not (args.cls_ckpt and args.det_ckpt):
+    """Why `all` leaves a section out, or None."""
+    if name == "guard" and guard_lacks_models(args):
         return "## guard\n\nskipped: pass --cls-ckpt and --det-ckpt (trained models) to run the accuracy guard"
     return None
 
