@@ -106,6 +106,7 @@ class BenchConfig:
     guard_split: str = "test"  # issue 11: "on the synthetic test split"
     guard_quick_images: int = 4  # --quick without --data: a tiny synthetic test split
     guard_nudge: float = 0.5 / 255  # ours: the reference's own sensitivity, image brighter by half a display level
+    guard_precision: str = "auto"  # the reduced-precision rows: what infer.py runs here, or bf16 forced (numerics)
     # app
     app_clients: int = 8  # issue 9: 8 concurrent clients ...
     app_seconds: float = 60.0  # ... for 60 s
@@ -328,7 +329,8 @@ class Workspace:
                 det_ckpt = folder / "best.pt"
                 torch.manual_seed(self.cfg.seed)
                 model = YOLO11(nc=len(CLASSES), scale=self.cfg.det_scale).eval()
-                tcfg = TrainConfig(scale=self.cfg.det_scale, det_imgsz=self.cfg.det_imgsz)
+                tcfg = TrainConfig(scale=self.cfg.det_scale, det_imgsz=self.cfg.det_imgsz,
+                                   clahe_side=self.cfg.det_imgsz)
                 save_checkpoint(detector_checkpoint(model, tcfg, seg=False, epoch=0, val={}), det_ckpt)
             self._ckpts = (cls_ckpt, det_ckpt)
         return self._ckpts
@@ -343,12 +345,13 @@ class Workspace:
 
 def fresh_dernet(cfg: BenchConfig) -> DERNet:
     """Untrained DERNet in its checkpoint form. tau = 0: every image is "abnormal", so even a cascaded
-    pipeline (the app) always runs the detector: the worst case is timed."""
+    pipeline (the app) always runs the detector: the worst case is timed. CLAHE (Eq. 1) at the
+    detector's size, as train.py records it, so the two share one working image."""
     torch.manual_seed(cfg.seed)
     return DERNet({name: Member(name) for name in MEMBERS}, tau=0.0,
                   image_sizes={name: cfg.cls_imgsz for name in MEMBERS},
-                  preprocess={"clahe_clip_limit": DataConfig.clahe_clip,
-                              "clahe_tile_grid": DataConfig.clahe_tiles}).eval()
+                  preprocess={"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
+                              "clahe_side": cfg.det_imgsz}).eval()
 
 
 def onnx_runner(model: nn.Module, x: torch.Tensor, path: Path, cfg: BenchConfig, device: torch.device) -> Callable:
@@ -685,7 +688,7 @@ def bench_one_pipeline(label: str, fields: dict, cfg: BenchConfig, ws: Workspace
 def letterboxed_input(path: Path, imgsz: int) -> torch.Tensor:
     """The detector's input for this DICOM: (1, 3, imgsz, imgsz) letterboxed, CLAHE'd, in [0, 1]."""
     img, _ = load_image(path, reduce_to=imgsz)
-    lb = letterbox(prepare_image(img, imgsz), imgsz)[0].astype(np.float32) / 255.0  # (S, S), data.py's one path
+    lb = letterbox(prepare_image(img, imgsz, clahe_side=imgsz), imgsz)[0].astype(np.float32) / 255.0  # (S, S)
     return torch.from_numpy(lb).expand(1, 3, -1, -1).contiguous()
 
 
@@ -767,8 +770,9 @@ def guard_settings(cfg: BenchConfig) -> list[tuple[str, dict]]:
     """(label, InferConfig fields): the reference first, then the fast configurations, each lever alone too."""
     settings = [("torch fp32, full decode", dict(backend="torch", precision="fp32", fast_decode=False)),
                 ("torch fp32, fast decode", dict(backend="torch", precision="fp32", fast_decode=True)),
-                ("torch auto, full decode", dict(backend="torch", precision="auto", fast_decode=False)),
-                ("torch auto, fast decode", dict(backend="torch", precision="auto", fast_decode=True))]
+                *((f"torch {cfg.guard_precision}, {kind} decode",
+                   dict(backend="torch", precision=cfg.guard_precision, fast_decode=fast))
+                  for kind, fast in (("full", False), ("fast", True)))]
     if cfg.onnx:
         settings.append(("onnx, fast decode", dict(backend="onnx", precision="fp32", fast_decode=True)))
     return settings
@@ -790,7 +794,8 @@ def guard_split(cfg: BenchConfig, ws: Workspace, root: Path | None):
 
 def nudged_score(pipe, image: np.ndarray, nudge: float) -> float:
     """S of the decoded display image made brighter by `nudge` (Pipeline.analyze's steps 2-3)."""
-    x, _ = infer.classifier_view(np.clip(image + nudge, 0, 1), pipe.cls_size, **pipe.cls_preprocess)
+    work = infer.working_image(np.clip(image + nudge, 0, 1), pipe.cls_size, **pipe.cls_preprocess)
+    x, _ = infer.classifier_view(work, pipe.cls_size)
     return float(pipe.backend.score(torch.from_numpy(x)[None])[0][0])
 
 
@@ -1110,6 +1115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     models.add_argument("--det-ckpt", help="detector checkpoint (default: a fresh untrained YOLO11-L)")
     models.add_argument("--data", type=Path,
                         help=f"guard: dataset root in the VinDr-SpineXR layout (default {BenchConfig.guard_data})")
+    models.add_argument("--guard-precision", choices=("auto", "bf16"), default=BenchConfig.guard_precision,
+                        help="guard: reduced precision to check (auto: infer.py's choice on this machine; bf16: "
+                             "bf16 autocast even without native support, slow, to check its numerics anywhere)")
     load = parser.add_argument_group("load (app)")
     load.add_argument("--clients", type=int, help=f"concurrent clients (default {BenchConfig.app_clients})")
     load.add_argument("--seconds", type=float, help=f"load duration (default {BenchConfig.app_seconds:.0f})")
@@ -1128,7 +1136,8 @@ def guard_lacks_models(args: argparse.Namespace) -> bool:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = replace(BenchConfig(), **QUICK) if args.quick else BenchConfig()
     overrides = {"runs": args.runs, "warmup": args.warmup, "app_clients": args.clients, "app_seconds": args.seconds}
-    cfg = replace(cfg, onnx=args.onnx, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(cfg, onnx=args.onnx, guard_precision=args.guard_precision,
+                  **{k: v for k, v in overrides.items() if v is not None})
     bad_threads = args.threads is not None and args.threads < 1
     if cfg.runs < 1 or cfg.warmup < 0 or cfg.app_clients < 1 or cfg.app_seconds <= 0 or bad_threads:
         raise BenchError("--runs, --threads, --clients and --seconds must be positive and --warmup not negative")

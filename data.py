@@ -5,7 +5,8 @@ What this file implements, in reading order:
      preamble), PNG 8/16-bit and JPEG -> one display-ready 2-D float32 image in [0, 1], plus
      metadata with no patient-identifying field. DICOM grayscale order: stored values -> Modality
      LUT -> VOI LUT or first window -> MONOCHROME1 inversion -> normalise. Bad files raise DataError.
-  2. Preprocessing: CLAHE (Eq. 1, clip limit 2.0, 8x8 tiles), resize / letterbox and box mapping.
+  2. Preprocessing: CLAHE (Eq. 1, clip limit 2.0, 8x8 tiles) once at a working resolution, model
+     inputs shrunk from it, letterbox and box mapping.
   3. VinDr-SpineXR annotations (annotations/{train,test}.csv) -> one Record per image.
   4. Study-grouped, label-stratified 5-fold split (Sec. 4.1, seed 42).
   5. An on-disk cache of decoded, resized and CLAHE'd images, and the torch Datasets for the
@@ -81,6 +82,8 @@ class DataConfig:
     # preprocessing (Sec. 3.1)
     clahe_clip: float = 2.0  # Eq. 1, clip limit tau = 2.0 (Sec. 3.1)
     clahe_tiles: int = 8  # Eq. 1, 8 x 8 regions Omega_k: the common choice, paper silent (REFERENCE §4)
+    clahe_side: int = 640  # Eq. 1 working long side: CLAHE once here, model inputs shrunk from it (ours; the
+    #                        detector's input size, REFERENCE §3, so each tile holds ~5,000 px >> 256 bins)
     pad_value: float = 114 / 255  # detector letterbox grey of the YOLO family (REFERENCE §3)
     cls_pad_value: float = 0.0  # classifier letterbox: black like collimated air, no artificial bright frame (ours)
     imagenet_mean: tuple = (0.485, 0.456, 0.406)  # torchvision ImageNet weights (Algorithm 1, line 2)
@@ -544,17 +547,45 @@ def fit_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     return resize_image(img, (max(1, round(h * r)), max(1, round(w * r))))
 
 
-def prepare_image(img: np.ndarray, long_side: int, *, clahe: bool = True,
-                  clip_limit: float = DataConfig.clahe_clip, tile_grid: int = DataConfig.clahe_tiles) -> np.ndarray:
-    """The one preprocessing path (cache, training and inference): display image (H, W) float32
-    -> shrink to long_side (area average) -> CLAHE (Eq. 1, Sec. 3.1) -> (h, w) uint8.
+def working_side(long_side: int, clahe_side: int | None) -> int:
+    """The long side Eq. 1 runs at for a model input of long_side: clahe_side, or long_side when that
+    is larger. None (checkpoints from before clahe_side existed) = long_side: CLAHE at the input size."""
+    return long_side if clahe_side is None else max(long_side, clahe_side)
 
-    CLAHE runs at the model's input resolution, not the decoded one: its 8x8 tiles are relative,
-    so they cover the same anatomy at any size, it is cheap there, and a reduced JPEG 2000 decode
-    (issue 11) then yields nearly the same input as a full decode (~1-2 % mean difference here,
-    against 3-16 % when CLAHE first amplifies full-resolution noise and texture)."""
-    u8 = to_uint8(fit_long_side(img, long_side))
+
+def clahe_image(img: np.ndarray, side: int, *, clahe: bool = True, clip_limit: float = DataConfig.clahe_clip,
+                tile_grid: int = DataConfig.clahe_tiles) -> np.ndarray:
+    """Display image (H, W) float32 [0, 1] -> shrink to long side `side` (area average) -> uint8 ->
+    CLAHE (Eq. 1, Sec. 3.1) -> (h, w) uint8: the working image every model input is shrunk from."""
+    u8 = to_uint8(fit_long_side(img, side))
     return _clahe_u8(u8, clip_limit, tile_grid) if clahe else u8
+
+
+def shrink_u8(u8: np.ndarray, long_side: int) -> np.ndarray:
+    """(h, w) uint8 -> long side <= long_side (area average in float, rounded once)."""
+    if max(u8.shape) <= long_side:
+        return u8
+    return to_uint8(fit_long_side(u8.astype(np.float32) / 255.0, long_side))
+
+
+def prepare_image(img: np.ndarray, long_side: int, *, clahe: bool = True,
+                  clip_limit: float = DataConfig.clahe_clip, tile_grid: int = DataConfig.clahe_tiles,
+                  clahe_side: int | None = DataConfig.clahe_side) -> np.ndarray:
+    """The one preprocessing path (cache, training and inference): display image (H, W) float32
+    -> shrink to the working side (area average) -> CLAHE (Eq. 1, Sec. 3.1) -> shrink to long_side
+    -> (h, w) uint8.
+
+    Why CLAHE runs at a working resolution and not at each model's input size: Eq. 1 maps each
+    tile through the CDF of its own histogram, which needs many more pixels than the 256 bins. A
+    128-px input has tiles of ~200 px: the CDF is a staircase, OpenCV's clip limit floors to one
+    count per bin (tau = 2.0 is not applied), and half a grey level of input reshuffles a tile's
+    mapping (measured on the synthetic test split: 2.2 grey levels mean change of the 128-px input,
+    against 0.6 when it is shrunk from CLAHE at 384 px). One working image also serves every model
+    (the members and the detector): one CLAHE per image. Why not the decoded resolution: CLAHE there
+    amplifies full-resolution noise and texture, so a reduced JPEG 2000 decode (issue 11) would no
+    longer give nearly the same input (3-16 % mean difference, against ~1-2 % at the working side)."""
+    side = working_side(long_side, clahe_side if clahe else None)
+    return shrink_u8(clahe_image(img, side, clahe=clahe, clip_limit=clip_limit, tile_grid=tile_grid), long_side)
 
 
 def letterbox_geometry(hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
@@ -767,16 +798,16 @@ def split_fold(records: list[Record], fold: int, n_folds: int = DataConfig.n_fol
 # -----------------------------------------------------------------------------
 # 5. On-disk image cache and the torch Datasets
 
-CACHE_VERSION = 1  # bump when prepare_image changes so stale entries are never read
+CACHE_VERSION = 2  # bump when prepare_image changes so stale entries are never read
 
 
 class ImageCache:
-    """Decoded -> shrunk-to-long-side -> CLAHE'd (Eq. 1) images as uint8 (prepare_image), one .npz per image
-    (the uint8 array `img` plus the ImageMeta as JSON in one file, so a write is one atomic
-    os.replace), under root/<2 hex>/<sha1>.npz. The key hashes (absolute path, file size, mtime_ns,
-    long side, CLAHE parameters, fast-decode flag, CACHE_VERSION): an edited file or a changed
-    parameter misses. Safe for concurrent DataLoader workers / ranks: temp file + os.replace.
-    root=None computes every time (inference, tests)."""
+    """Decoded -> CLAHE'd (Eq. 1) at the working side -> shrunk-to-long-side images as uint8
+    (prepare_image), one .npz per image (the uint8 array `img` plus the ImageMeta as JSON in one file,
+    so a write is one atomic os.replace), under root/<2 hex>/<sha1>.npz. The key hashes (absolute
+    path, file size, mtime_ns, long side, CLAHE parameters and working side, fast-decode flag,
+    CACHE_VERSION): an edited file or a changed parameter misses. Safe for concurrent DataLoader
+    workers / ranks: temp file + os.replace. root=None computes every time (inference, tests)."""
 
     def __init__(self, root=None, *, clahe: bool = True, fast_decode: bool = False,
                  hyp: DataConfig = DataConfig()):
@@ -785,15 +816,15 @@ class ImageCache:
 
     def key(self, path: Path, long_side: int) -> str:
         st = path.stat()
-        parts = (str(path.resolve()), st.st_size, st.st_mtime_ns, long_side, self.clahe,
-                 self.hyp.clahe_clip, self.hyp.clahe_tiles, self.fast_decode, CACHE_VERSION)
+        parts = (str(path.resolve()), st.st_size, st.st_mtime_ns, long_side, self.clahe, self.hyp.clahe_clip,
+                 self.hyp.clahe_tiles, self.hyp.clahe_side, self.fast_decode, CACHE_VERSION)
         return hashlib.sha1(repr(parts).encode()).hexdigest()
 
     def compute(self, path: Path, long_side: int) -> tuple[np.ndarray, ImageMeta]:
-        img, meta = load_image(path, max_pixels=self.hyp.max_pixels,
-                               reduce_to=long_side if self.fast_decode else None)
+        side = working_side(long_side, self.hyp.clahe_side)
+        img, meta = load_image(path, max_pixels=self.hyp.max_pixels, reduce_to=side if self.fast_decode else None)
         return prepare_image(img, long_side, clahe=self.clahe, clip_limit=self.hyp.clahe_clip,
-                             tile_grid=self.hyp.clahe_tiles), meta
+                             tile_grid=self.hyp.clahe_tiles, clahe_side=self.hyp.clahe_side), meta
 
     def get(self, path, long_side: int) -> tuple[np.ndarray, ImageMeta]:
         """(h, w) uint8 with max(h, w) == min(long_side, original long side), and the ImageMeta."""
@@ -1743,19 +1774,20 @@ def _row(tiles: list[np.ndarray]) -> np.ndarray:
 
 
 def write_montage(records: list[Record], out, n: int = 6, n_normal: int = 2, input_size: int = 128,
-                  tile: int = MONTAGE_TILE, hyp: DataConfig = DataConfig()) -> Path:
+                  clahe_side: int = 384, tile: int = MONTAGE_TILE, hyp: DataConfig = DataConfig()) -> Path:
     """PNG of n images (pick_montage): top row the loaded, display-ready images with their lesions, bottom
-    row the CLAHE'd classifier input at input_size (prepare_image, Eq. 1), then a colour key."""
+    row the classifier input at input_size, shrunk from CLAHE at clahe_side (prepare_image, Eq. 1; the
+    defaults are the CPU demo's), then a colour key."""
     chosen = pick_montage(records, n, n_normal)
     if not chosen:
         raise DataError("no images to show")
     images = [load_image(r.path)[0] for r in chosen]                         # each decoded once
     top = _row([_annotated_tile(img, r, tile) for img, r in zip(images, chosen)])
-    bottom = _row([_tile(prepare_image(img, input_size, clip_limit=hyp.clahe_clip, tile_grid=hyp.clahe_tiles),
-                         tile)[0] for img in images])
+    bottom = _row([_tile(prepare_image(img, input_size, clip_limit=hyp.clahe_clip, tile_grid=hyp.clahe_tiles,
+                                       clahe_side=clahe_side), tile)[0] for img in images])
     n_norm = sum(1 for r in chosen if not r.label)
     caption = (f"top: loaded image (display-ready) with lesion {'masks' if chosen[0].mask_paths else 'boxes'} "
-               f"and LT codes; bottom: {input_size}-px CLAHE'd classifier input (Eq. 1)"
+               f"and LT codes; bottom: {input_size}-px classifier input (CLAHE, Eq. 1, at {clahe_side} px)"
                + (f"; last {n_norm} normal" if n_norm else ""))
     image = np.vstack([top, np.full((MONTAGE_GAP, top.shape[1], 3), WHITE, np.uint8), bottom,
                        _legend(top.shape[1], caption)])
@@ -1786,6 +1818,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     montage.add_argument("--images", type=int, default=6, help="images shown (abnormal ones first)")
     montage.add_argument("--normal", type=int, default=2, help="of which normal images")
     montage.add_argument("--input-size", type=int, default=128, help="classifier input size shown (demo: 128)")
+    montage.add_argument("--clahe-side", type=int, default=384, help="long side CLAHE runs at (demo: 384)")
     info = sub.add_parser("info", help="print an image's metadata and check that it decodes")
     info.add_argument("path", help="DICOM, PNG or JPEG file")
     info.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels)
@@ -1801,11 +1834,12 @@ def main(args: argparse.Namespace) -> int:
                              workers=args.workers)
         print(f"wrote {args.train} + {args.test} synthetic images to {out} in {time.perf_counter() - t0:.1f} s")
     elif args.command == "montage":
-        if not 0 <= args.normal <= args.images or args.images < 1 or args.input_size < 16:
-            raise DataError("need --images >= 1, 0 <= --normal <= --images and --input-size >= 16")
+        if not 0 <= args.normal <= args.images or args.images < 1 or min(args.input_size, args.clahe_side) < 16:
+            raise DataError("need --images >= 1, 0 <= --normal <= --images, --input-size and --clahe-side >= 16")
         if not Path(args.out).resolve().parent.is_dir():
             raise DataError(f"--out {args.out}: the folder does not exist")
-        out = write_montage(load_split(args.data, args.split), args.out, args.images, args.normal, args.input_size)
+        out = write_montage(load_split(args.data, args.split), args.out, args.images, args.normal, args.input_size,
+                            args.clahe_side)
         print(f"wrote {out}")
     elif args.command == "info":
         t0 = time.perf_counter()

@@ -43,10 +43,10 @@ CHECKPOINT_FORMAT = "dernet-v1"                              # tag stored in che
 
 # Per architecture: feature width feeding the classifier, the dotted name of the torchvision
 # classifier Linear we replace, and the last convolutional feature map (Grad-CAM target, infer.py).
-ARCHS = {
-    "densenet121": dict(width=1024, head="classifier", cam_layer="features"),
-    "efficientnet_v2_s": dict(width=1280, head="classifier.1", cam_layer="features.7"),
-    "resnet50": dict(width=2048, head="fc", cam_layer="layer4"),
+ARCHS = {   # stem: the first convolution, the one that sees the (normalised) image itself
+    "densenet121": dict(width=1024, head="classifier", cam_layer="features", stem="features.conv0"),
+    "efficientnet_v2_s": dict(width=1280, head="classifier.1", cam_layer="features.7", stem="features.0.0"),
+    "resnet50": dict(width=2048, head="fc", cam_layer="layer4", stem="conv1"),
 }
 
 # torchvision's DenseNet checkpoints predate the ban on '.' in module names: keys such as
@@ -192,7 +192,7 @@ class DERNet(nn.Module):
 
     def __init__(self, members: Mapping[str, nn.Module], omega: Sequence[float] = OMEGA,
                  tau: float = 0.5, image_sizes: Mapping[str, int] | None = None,
-                 preprocess: Mapping[str, float | int] | None = None):
+                 preprocess: Mapping[str, float | int | None] | None = None):
         super().__init__()
         self.members = nn.ModuleDict(members)
         self.register_buffer("omega", torch.tensor(check_omega(omega, len(self.members)),
@@ -326,6 +326,7 @@ class DERNetConfig:
     image_sizes: dict[str, int] = field(default_factory=dict)   # e.g. {"resnet50": 512}
     clahe_clip_limit: float = 2.0        # Eq. 1 / Sec. 3.1, tau = 2.0
     clahe_tile_grid: int = 8             # Eq. 1, 8 x 8 tiles (common choice, REFERENCE.md Sec. 4)
+    clahe_side: int = 640                # Eq. 1 working long side (data.DataConfig.clahe_side)
     omega_grid_step: float = 0.02        # fit_omega simplex grid spacing (issue 3, optional refit)
 
 
@@ -337,5 +338,6 @@ def build_dernet(cfg: DERNetConfig | None = None, pretrained: str | Path | None 
                          f"{', '.join(n + '-<hash>.pth' for n in cfg.members)}")
     members = {name: build_member(name, pretrained) for name in cfg.members}
     sizes = {name: cfg.image_sizes.get(name, cfg.image_size) for name in cfg.members}
-    preprocess = {"clahe_clip_limit": cfg.clahe_clip_limit, "clahe_tile_grid": cfg.clahe_tile_grid}
+    preprocess = {"clahe_clip_limit": cfg.clahe_clip_limit, "clahe_tile_grid": cfg.clahe_tile_grid,
+                  "clahe_side": cfg.clahe_side}
     return DERNet(members, omega=cfg.omega, tau=cfg.tau, image_sizes=sizes, preprocess=preprocess)

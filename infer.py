@@ -3,21 +3,22 @@
 For one radiograph x (DICOM with or without extension, PNG or JPEG), Algorithm 1's Phase III:
 
     1. decode and window x (data.load_image); a JPEG 2000 DICOM may be decoded at a reduced resolution
-       level, never below the largest model input (issue 11, --fast-decode),
+       level, never below the largest CLAHE working side (issue 11, --fast-decode),
     2. S = sum_m omega_m P_m(x)  with DenseNet121, EfficientNetV2-S, ResNet50      (Eq. 2, line 16)
     3. if S > tau_optimal:                                                         (line 17)
            B = NMS(YOLO11(x), IoU 0.5), boxes mapped back to ORIGINAL pixels       (lines 18-19)
        else: "normal study", no boxes                                              (lines 20-22)
     A YOLO11-seg checkpoint adds one instance mask per box (Fig. 4c), as COCO RLE in original pixels.
 
-Preprocessing is the one training and evaluation use (data.prepare_image: shrink to the model size,
-then CLAHE, Eq. 1; classifier letterbox black, detector letterbox grey 114), so with --no-fast-decode
-a score here equals train.py's evaluation score for the same file. The models are loaded, Conv+BN
-fused (detector), put in channels-last memory and warmed once per process; --precision auto runs
-bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and fp16/bf16 on CUDA, else fp32,
-with the weights autocast converts stored in that precision once (precast). Detector boxes decode in
-fp32 whatever the precision. python bench.py infer times all of it, python bench.py guard checks its
-accuracy against fp32 + full decode (issue 11).
+Preprocessing is the one training and evaluation use (data.prepare_image: shrink to the working
+side, CLAHE, Eq. 1, shrink to the model size; classifier letterbox black, detector letterbox grey
+114), so with --no-fast-decode a score here equals train.py's evaluation score for the same file.
+When the DERNet and the detector were trained at the same working side, one CLAHE serves both. The
+models are loaded, Conv+BN fused (detector), put in channels-last memory and warmed once per
+process; --precision auto runs bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX) and
+fp16/bf16 on CUDA, else fp32, with the weights autocast converts stored in that precision once
+(precast). Detector boxes decode in fp32 whatever the precision. python bench.py infer times all of
+it, python bench.py guard checks its accuracy against fp32 + full decode (issue 11).
 The same cascade runs on ONNX Runtime (--backend onnx) from two self-contained files written by
 --export onnx. Grad-CAM and LIME (Fig. 4a-b) explain the ensemble score.
 
@@ -51,7 +52,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import cv2
 import matplotlib
@@ -64,9 +65,9 @@ from sklearn.metrics import pairwise_distances
 from tqdm import tqdm
 
 from data import (CLASS_COLOURS, CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write,
-                  boxes_from_letterbox, classifier_input, detector_canvas, letterbox_geometry, load_image,
-                  prepare_image, sniff_format)
-from dernet import DERNet, load_dernet, resize_to, soft_vote
+                  boxes_from_letterbox, clahe_image, classifier_input, detector_canvas, letterbox_geometry,
+                  load_image, shrink_u8, sniff_format, working_side)
+from dernet import ARCHS, DERNet, load_dernet, resize_to, soft_vote
 from train import CheckpointError, channels_last, image_region, load_checkpoint, native_bf16
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
 
@@ -318,7 +319,7 @@ class InferConfig:
     onnx_dir: str | None = None        # backend onnx: folder with dernet.onnx + detector.onnx; None = export
     #                                    once into onnx/ next to each checkpoint
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (issue 11: bf16 only where native; CUDA autocast)
-    fast_decode: bool = True           # reduced-resolution JPEG 2000 decode, never below the model inputs (issue 11)
+    fast_decode: bool = True           # reduced-resolution JPEG 2000 decode, never below the working side (issue 11)
     cascade: bool = True               # Algorithm 1, line 17: detector only if S > tau; False = --no-cascade
     conf: float = YOLOConfig.conf_thres   # 0.25, the published predictor's display confidence
     nms_iou: float = YOLOConfig.iou_thres  # 0.5, Algorithm 1, line 18
@@ -450,25 +451,43 @@ def load_detector(path: Path) -> tuple[YOLO11, dict]:
 
 # --- preprocessing and geometry: model inputs, and outputs mapped back to the original image
 
-def classifier_view(img: np.ndarray, size: int, clip_limit: float,
-                    tile_grid: int) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Display image (h, w) in [0, 1] -> DERNet input (1, size, size) float32 in [0, 1], and the (rows,
-    cols) of it that hold the image. Exactly the evaluation path of train.py (ClassificationDataset
-    without augmentation): prepare_image at the input size (shrink, then CLAHE, Eq. 1), then the
-    black letterbox of data.classifier_input."""
-    u8 = prepare_image(img, size, clip_limit=clip_limit, tile_grid=tile_grid)   # (h', w') uint8
+def working_params(preprocess: Mapping) -> dict:
+    """A checkpoint's preprocess record -> working_image's keyword arguments. Checkpoints from before
+    clahe_side existed record none (None): CLAHE ran at their input size, and still does."""
+    return {"clip_limit": float(preprocess.get("clahe_clip_limit", DataConfig.clahe_clip)),
+            "tile_grid": int(preprocess.get("clahe_tile_grid", DataConfig.clahe_tiles)),
+            "clahe_side": preprocess.get("clahe_side")}
+
+
+def working_key(size: int, params: dict) -> tuple[int, float, int]:
+    """What working_image depends on for a model of input size `size`: (side, clip limit, tile grid)."""
+    return working_side(size, params["clahe_side"]), params["clip_limit"], params["tile_grid"]
+
+
+def working_image(img: np.ndarray, size: int, clip_limit: float, tile_grid: int,
+                  clahe_side: int | None) -> np.ndarray:
+    """Display image (h, w) in [0, 1] -> the CLAHE'd (Eq. 1) uint8 working image a model of input size
+    `size` is shrunk from (data.prepare_image's first half: clahe_image at working_side)."""
+    return clahe_image(img, working_side(size, clahe_side), clip_limit=clip_limit, tile_grid=tile_grid)
+
+
+def classifier_view(work: np.ndarray, size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Working image (h, w) uint8 -> DERNet input (1, size, size) float32 in [0, 1], and the (rows, cols)
+    of it that hold the image. Exactly the evaluation path of train.py (ClassificationDataset without
+    augmentation): prepare_image at the input size (working_image, then shrink), then the black
+    letterbox of data.classifier_input."""
+    u8 = shrink_u8(work, size)                                                  # (h', w') uint8
     x = classifier_input(u8, size)                                             # (1, S, S)
     _, (new_h, new_w), (pad_x, pad_y) = letterbox_geometry(u8.shape, size)
     return x, (slice(pad_y, pad_y + new_h), slice(pad_x, pad_x + new_w))
 
 
-def detector_view(img: np.ndarray, orig_hw: tuple[int, int], size: int, clip_limit: float, tile_grid: int,
+def detector_view(work: np.ndarray, orig_hw: tuple[int, int], size: int,
                   pad_value: float) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Display image -> detector input (size, size) float32 [0, 1], letterbox ratio and padding: exactly
-    DetectionDataset.load_sample without augmentation (prepare_image at the input size: shrink, then CLAHE,
-    Eq. 1; then data.detector_canvas). Boxes map back with data.boxes_from_letterbox."""
-    u8 = prepare_image(img, size, clip_limit=clip_limit, tile_grid=tile_grid)
-    canvas, ratio, (pad_x, pad_y) = detector_canvas(u8, orig_hw, size, pad_value)
+    """Working image -> detector input (size, size) float32 [0, 1], letterbox ratio and padding: exactly
+    DetectionDataset.load_sample without augmentation (prepare_image at the input size; then
+    data.detector_canvas). Boxes map back with data.boxes_from_letterbox."""
+    canvas, ratio, (pad_x, pad_y) = detector_canvas(shrink_u8(work, size), orig_hw, size, pad_value)
     return canvas, ratio, (float(pad_x), float(pad_y))
 
 
@@ -546,6 +565,7 @@ class Analysis:
     scale: float                # decode px per original px (1.0 full decode, < 1 reduced JPEG 2000 decode)
     x_cls: torch.Tensor         # (1, 1, S, S) DERNet input in [0, 1] (CLAHE'd, letterboxed), for explain()
     cls_region: tuple[slice, slice] | None = None   # rows, cols of x_cls that hold the image
+    work: np.ndarray | None = None   # (h, w) uint8 CLAHE'd working image x_cls was shrunk from (Eq. 1)
 
 
 def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -556,11 +576,38 @@ def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Converting them ahead gives the same arithmetic, bit for bit (tested), and saved here (bf16, one
     image) DenseNet121 2, EfficientNetV2-S 6, ResNet50 5 ms at 384; YOLO11-L at 640 gained 0-10 ms
     (within run-to-run noise, bench.py yolo). Other layers (BatchNorm of the unfused members) keep
-    fp32, as under autocast. In place; returns model."""
+    fp32, as under autocast, and so do the convolutions inside FP32Conv. In place; returns model."""
+    kept = {layer for m in model.modules() if isinstance(m, FP32Conv) for layer in m.modules()}
     for layer in model.modules():
-        if isinstance(layer, AUTOCAST_LAYERS):
+        if isinstance(layer, AUTOCAST_LAYERS) and layer not in kept:
             layer.to(dtype)
     return model
+
+
+class FP32Conv(nn.Module):
+    """A convolution that runs in fp32 inside a bf16 / fp16 autocast region (a member's stem).
+
+    bf16 keeps 8 significant bits. Rounding the ImageNet-normalised image (values up to ~2.6) to it
+    moves each pixel by up to ~0.3 grey levels, the same size as the input changes the demo DERNet is
+    most sensitive to (bench.py guard). Measured on the synthetic test split, bf16 against fp32 (full
+    decode): max |delta S| 0.0111 with bf16 stems, 0.0041 with fp32 stems. The three stems are ~4 % of
+    the ensemble's FLOPs; the rest of the network stays in bf16."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.conv(x.float())
+
+
+def fp32_stems(dernet: DERNet) -> DERNet:
+    """Each member's first convolution wrapped in FP32Conv (in place; returns dernet)."""
+    for member in dernet.members.values():
+        path = ARCHS[member.name]["stem"]
+        member.net.set_submodule(path, FP32Conv(member.net.get_submodule(path)))
+    return dernet
 
 
 class TorchBackend:
@@ -582,7 +629,7 @@ class TorchBackend:
         self.detector = None if detector is None else detector.to(device, memory_format=torch.channels_last).eval()
         dtype = AUTOCAST_DTYPES.get(precision)
         if dtype is not None:  # the Pipeline keeps the fp32 DERNet for Grad-CAM and LIME: convert a copy
-            self.dernet = precast(copy.deepcopy(self.dernet), dtype)
+            self.dernet = precast(fp32_stems(copy.deepcopy(self.dernet)), dtype)
             self.detector = None if detector is None else precast(self.detector, dtype)
 
     def _autocast(self):
@@ -630,22 +677,26 @@ class Pipeline:
         self.tau = float(self.dernet.tau)                                    # tau_optimal (line 17)
         self.cls_size = max(self.dernet.image_sizes.values())                # members resize from here
         p = self.dernet.preprocess                                           # what training applied (Eq. 1)
-        self.cls_preprocess = {"clip_limit": float(p.get("clahe_clip_limit", DataConfig.clahe_clip)),
-                               "tile_grid": int(p.get("clahe_tile_grid", DataConfig.clahe_tiles))}
+        self.cls_preprocess = working_params(p)
         detector, self.det_meta = load_detector(self.det_path) if self.det_path else (None, None)
+        self.det_preprocess, self.shared_work = None, False
         if self.det_meta:
-            p = self.det_meta["preprocess"]
-            self.det_preprocess = {"clip_limit": float(p["clahe_clip_limit"]), "tile_grid": int(p["clahe_tile_grid"]),
-                                   "pad_value": float(p["pad_value"])}
+            self.det_preprocess = working_params(self.det_meta["preprocess"])
+            self.det_pad_value = float(self.det_meta["preprocess"]["pad_value"])
+            # one CLAHE per image when both models were trained on the same working image
+            self.shared_work = (working_key(self.cls_size, self.cls_preprocess) ==
+                                working_key(self.det_meta["imgsz"], self.det_preprocess))
         # 3. the backend that runs the cascade
         if cfg.backend == "torch":
             self.backend = TorchBackend(self.dernet, detector, self.device, self.precision)
         else:
             self.backend = OnnxBackend(*onnx_files(cfg, self), self.device)
             self.backend.check(self)
-        # 4. decode no smaller than the largest model input (issue 11), then one warm-up pass
-        sizes = [self.cls_size] + ([self.det_meta["imgsz"]] if self.det_meta else [])
-        self.reduce_to = max(sizes) if cfg.fast_decode else None
+        # 4. decode no smaller than the largest working image (issue 11), then one warm-up pass
+        sides = [working_key(self.cls_size, self.cls_preprocess)[0]]
+        if self.det_meta:
+            sides.append(working_key(self.det_meta["imgsz"], self.det_preprocess)[0])
+        self.reduce_to = max(sides) if cfg.fast_decode else None
         self._warm_up()
 
     @property
@@ -657,7 +708,7 @@ class Pipeline:
         self.backend.score(torch.zeros(1, 1, self.cls_size, self.cls_size))
         if self.has_detector:
             size = self.det_meta["imgsz"]
-            self.backend.detect(torch.full((1, 1, size, size), self.det_preprocess["pad_value"]))
+            self.backend.detect(torch.full((1, 1, size, size), self.det_pad_value))
 
     def health(self) -> dict:
         detector = None
@@ -686,8 +737,9 @@ class Pipeline:
         # 1. decode and window; reduced JPEG 2000 level when fast_decode (long side >= reduce_to)
         img, meta = load_image(src, reduce_to=self.reduce_to)
         t1 = time.perf_counter()
-        # 2. DERNet input, exactly as in evaluation
-        x, region = classifier_view(img, self.cls_size, **self.cls_preprocess)
+        # 2. DERNet input, exactly as in evaluation: CLAHE once at the working side, then shrink
+        work = working_image(img, self.cls_size, **self.cls_preprocess)      # (h, w) uint8, Eq. 1
+        x, region = classifier_view(work, self.cls_size)
         x_cls = torch.from_numpy(x)[None]                                    # (1, 1, S, S)
         t2 = time.perf_counter()
         # 3. S = sum_m omega_m P_m(x) (Eq. 2, line 16)
@@ -701,7 +753,7 @@ class Pipeline:
                   "timings_ms": {"decode": 1e3 * (t1 - t0), "preprocess": 1e3 * (t2 - t1),
                                  "dernet": 1e3 * (t3 - t2), "detector": 0.0, "total": 0.0},
                   "backend": self.backend.name, "precision": self.precision}
-        analysis = Analysis(result, img, img.shape[1] / meta.width, x_cls, region)
+        analysis = Analysis(result, img, img.shape[1] / meta.width, x_cls, region, work)
         # 4. lines 18-19: lesions only for abnormal studies (or always without the cascade)
         if self.has_detector and (abnormal or not cascade):
             self._detect(analysis)
@@ -715,7 +767,8 @@ class Pipeline:
         orig_hw = tuple(result["image_size"])
         seg = self.det_meta["stage"] == "seg"
         t0 = time.perf_counter()
-        x, ratio, pad = detector_view(analysis.image, orig_hw, size, **self.det_preprocess)
+        work = analysis.work if self.shared_work else working_image(analysis.image, size, **self.det_preprocess)
+        x, ratio, pad = detector_view(work, orig_hw, size, self.det_pad_value)
         t1 = time.perf_counter()
         pred, protos = self.backend.detect(torch.from_numpy(x)[None, None])  # (1, 4 + nc [+ 32], A)
         det = non_max_suppression(pred, self.cfg.conf, self.cfg.nms_iou, self.cfg.max_det,
@@ -827,6 +880,12 @@ class DERNetForExport(nn.Module):
         return soft_vote(probs, self.dernet.omega), probs     # Eq. 2: (B,), (B, M)
 
 
+WORKING_TEXT = {  # how the exported models' inputs were made (data.prepare_image), for other runtimes
+    "working_side": "max(long_side, clahe_side), or long_side when clahe_side is null",
+    "clahe": "area average to working_side, round to 8-bit, CLAHE (clip limit, tile grid below)",
+    "shrink": "area average of the CLAHE'd image to long_side, rounded to 8-bit"}
+
+
 def dernet_onnx_metadata(dernet: DERNet) -> dict:
     size = max(dernet.image_sizes.values())
     return {"format": ONNX_FORMAT, "model": "dernet", "members": list(dernet.members),
@@ -837,10 +896,10 @@ def dernet_onnx_metadata(dernet: DERNet) -> dict:
                        "member_probs: (B, M) P_m in members order",
             "preprocess": {"decode": "DICOM: Modality LUT, VOI LUT or first window, MONOCHROME1 inverted; "
                                      "PNG/JPEG: grey, min-max; then [0, 1]",
-                           "long_side": size, "shrink": "area average to long_side",
-                           "clahe": "on 8-bit after shrinking, clip limit and tile grid below",
+                           "long_side": size, **WORKING_TEXT,
                            "clahe_clip_limit": float(dernet.preprocess.get("clahe_clip_limit", DataConfig.clahe_clip)),
                            "clahe_tile_grid": int(dernet.preprocess.get("clahe_tile_grid", DataConfig.clahe_tiles)),
+                           "clahe_side": dernet.preprocess.get("clahe_side"),
                            "letterbox": "centred, integer padding", "pad_value": DataConfig.cls_pad_value}}
 
 
@@ -857,8 +916,7 @@ def detector_onnx_metadata(meta: dict) -> dict:
             "max_det": YOLOConfig.max_det,
             "inputs": f"images: (B, 3, {size}, {size}) float32 in [0, 1], grey replicated",
             "outputs": outputs,
-            "preprocess": {"long_side": size, "shrink": "area average to long_side",
-                           "clahe": "on 8-bit after shrinking", **meta["preprocess"],
+            "preprocess": {"long_side": size, **WORKING_TEXT, "clahe_side": None, **meta["preprocess"],
                            "letterbox": "centred, integer padding, geometry of the original size; "
                                         "x_orig = (x - pad_x) / ratio"}}
 
@@ -1127,7 +1185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 where the CPU has native bf16, bf16/fp16 autocast on CUDA, else fp32")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=d.fast_decode,
-                   help="decode JPEG 2000 at a reduced resolution level, never below the model inputs")
+                   help="decode JPEG 2000 at a reduced resolution level, never below the CLAHE working side")
     g = p.add_argument_group("cascade")
     g.add_argument("--no-cascade", action="store_true", help="run the detector whatever the score")
     g.add_argument("--study", action="store_true", help="the inputs are views of one study: decision = max view score")

@@ -1034,6 +1034,7 @@ class TrainConfig:
     data: str | None = None  # VinDr-SpineXR root; None = the synthetic VinDr-format set (demo)
     synthetic_dir: str = "data/synthetic"  # where the demo writes its dataset once (relative to cwd)
     cache_dir: str = ".cache/images"  # decoded + CLAHE'd images (data.ImageCache)
+    clahe_side: int | None = DataConfig.clahe_side  # Eq. 1 working long side; None = each input's own size
     fold: int = 0  # validation fold inside the training split (model selection only)
     n_folds: int = 5  # Sec. 4.1: 5-fold stratified cross-validation
     workers: int = -1  # DataLoader processes; -1 = 0 on CPU (cached images load in ~1 ms), 8 on CUDA
@@ -1091,17 +1092,25 @@ class TrainConfig:
 # measured here, ResNet50 reached validation AUROC 0.97 in 6 epochs without augmentation and 0.56 with
 # it (augmentation regularises long runs; this one is too short to overfit). Detection: whole studies
 # making up 400 images of the training split (~320 train / 80 val), the paper's mosaic share of epochs
-# (25 / 55 ≈ 0.45). Every value is one flag away (--imgsz 384 --epochs 60 --lr 1e-4 --augment ...).
+# (25 / 55 ≈ 0.45). CLAHE (Eq. 1) runs at the detection demo's 384 px for all three stages, so the
+# members' 128-px inputs and the detector's share one working image, as the paper's sizes share 640.
+# Every value is one flag away (--imgsz 384 --epochs 60 --lr 1e-4 --augment ...).
+DEMO_CLAHE_SIDE = 384
 DEMO = {
-    "cls": dict(cls_epochs=6, cls_imgsz=128, cls_batch=16, lr=1e-3, cls_augment=False),
+    "cls": dict(cls_epochs=6, cls_imgsz=128, cls_batch=16, lr=1e-3, cls_augment=False,
+                clahe_side=DEMO_CLAHE_SIDE),
     "det": dict(train_images=400, scale="n", det_epochs=30, det_imgsz=384, det_batch=8, nominal_batch=8,
-                tau_mosaic=14, warmup_epochs=1.0, lr=1e-3),
+                tau_mosaic=14, warmup_epochs=1.0, lr=1e-3, clahe_side=DEMO_CLAHE_SIDE),
     "seg": dict(train_images=400, scale="n", det_epochs=24, det_imgsz=320, det_batch=8, nominal_batch=8,
-                tau_mosaic=11, warmup_epochs=1.0, lr=1e-3),
+                tau_mosaic=11, warmup_epochs=1.0, lr=1e-3, clahe_side=DEMO_CLAHE_SIDE),
 }
 
 
 # --- data for a run
+
+def data_config(cfg: TrainConfig) -> DataConfig:
+    """data.py's settings for this run: the paper's, with the run's CLAHE working side (Eq. 1)."""
+    return replace(DataConfig(), clahe_side=cfg.clahe_side)
 
 
 def dataset_root(cfg: TrainConfig, rt: Runtime) -> Path:
@@ -1376,7 +1385,8 @@ def assemble_dernet(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Pa
         member.load_state_dict(load_checkpoint(run / f"member_{name}.pt", "cls")["model"])
         members[name] = member
     sizes = member_sizes(cfg)
-    preprocess = {"clahe_clip_limit": cache.hyp.clahe_clip, "clahe_tile_grid": cache.hyp.clahe_tiles}
+    preprocess = {"clahe_clip_limit": cache.hyp.clahe_clip, "clahe_tile_grid": cache.hyp.clahe_tiles,
+                  "clahe_side": cache.hyp.clahe_side}
     dernet = DERNet(members, omega=OMEGA, image_sizes=sizes, preprocess=preprocess).to(rt.device)
     val_ds = ClassificationDataset(splits.val, max(sizes.values()), cache)  # each member resizes down (Eq. 2)
     val_probs = predict_probs(dernet_prob_fn(dernet), val_ds, cfg, rt, cfg.cls_batch)  # (N, 3)
@@ -1478,7 +1488,7 @@ def write_csv(path, header: Sequence[str], rows) -> Path:
 def run_cls(cfg: TrainConfig, root: Path, run: Path, rt: Runtime) -> dict:
     """Phase I on one fold: each member in turn (Algorithm 1, line 1), then the ensemble and the report."""
     splits = load_splits(cfg, root, cfg.fold)
-    cache = ImageCache(cfg.cache_dir)
+    cache = ImageCache(cfg.cache_dir, hyp=data_config(cfg))
     log(rt, f"Phase I, fold {cfg.fold}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test "
             f"images, {cfg.cls_epochs} epochs at {sizes_text(cfg)} on {rt.device} x{rt.world}")
     histories = {name: train_member(name, cfg, splits, cache, run, rt) for name in MEMBERS}
@@ -1682,7 +1692,7 @@ def detector_checkpoint(model: nn.Module, cfg: TrainConfig, seg: bool, epoch: in
             "names": list(CLASSES), "lt_codes": list(LT_CODES), "imgsz": cfg.det_imgsz,
             "strides": [8, 16, 32], "epoch": epoch, "val_map50": val.get("map50", float("nan")),
             "preprocess": {"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
-                           "pad_value": DataConfig.pad_value}}
+                           "clahe_side": cfg.clahe_side, "pad_value": DataConfig.pad_value}}
 
 
 def train_detector(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Path, rt: Runtime, seg: bool) -> list:
@@ -1856,7 +1866,7 @@ def report_det(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Path, r
 def run_det(cfg: TrainConfig, root: Path, run: Path, rt: Runtime, seg: bool) -> dict:
     """Phase II on one fold: train YOLO11 (or YOLO11-seg), then the test report."""
     splits = load_splits(cfg, root, cfg.fold)
-    cache = ImageCache(cfg.cache_dir)
+    cache = ImageCache(cfg.cache_dir, hyp=data_config(cfg))
     history = train_detector(cfg, splits, cache, run, rt, seg)
     return report_det(cfg, splits, cache, run, rt, seg, history)
 
@@ -1893,6 +1903,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fold", type=int, default=d.fold, help="validation fold 0-4 inside the training split")
     g.add_argument("--folds", choices=("all",), help="'all': run the five folds and report mean ± std")
     g.add_argument("--cache-dir", default=d.cache_dir, help="decoded-image cache")
+    g.add_argument("--clahe-side", type=int, help=f"long side CLAHE (Eq. 1) runs at before each input is shrunk "
+                                                  f"(default {d.clahe_side}; demo {DEMO_CLAHE_SIDE})")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes (-1: 0 on CPU, 8 on CUDA)")
     g.add_argument("--train-images", type=int, help="use a seeded subset of whole studies, about this many images "
                                                     "of the training split (default: all; detection demo: 400)")
@@ -1941,7 +1953,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = run / "config.json"
         if not saved.is_file():
             raise CheckpointError(f"{run}: not a run folder (no config.json) to resume")
-        cfg = TrainConfig(**json.loads(saved.read_text()))
+        cfg = TrainConfig(**{"clahe_side": None, **json.loads(saved.read_text())})  # older runs: CLAHE at input size
         return replace(cfg, resume=str(run), device=args.device, workers=args.workers, progress=not args.no_progress)
     cfg = TrainConfig(stage=args.stage)
     if args.data is None:
@@ -1950,7 +1962,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                  {"epochs": "det_epochs", "batch": "det_batch", "imgsz": "det_imgsz"}
     flags = {stage_keys[k]: getattr(args, k) for k in stage_keys if getattr(args, k) is not None}
     flags.update({k: getattr(args, k) for k in ("scale", "tau_mosaic", "init_from", "pretrained", "name", "lr",
-                                                "nominal_batch", "train_images") if getattr(args, k) is not None})
+                                                "nominal_batch", "train_images", "clahe_side")
+                  if getattr(args, k) is not None})
     if args.augment is not None:
         flags["cls_augment"] = args.augment
     if args.member_imgsz:
@@ -1981,6 +1994,8 @@ def check_config(cfg: TrainConfig):
         raise DataError(f"--fold must be in 0..{cfg.n_folds - 1}, got {cfg.fold}")
     if cfg.stage != "cls" and cfg.det_imgsz % 32:
         raise DataError(f"--imgsz must be a multiple of 32 for YOLO11, got {cfg.det_imgsz}")
+    if cfg.clahe_side is not None and cfg.clahe_side < 16:
+        raise DataError(f"--clahe-side must be at least 16 px, got {cfg.clahe_side}")
     if cfg.train_images < 0:
         raise DataError(f"--train-images must be positive (0 = all), got {cfg.train_images}")
     for key in ("cls_epochs", "det_epochs", "cls_batch", "det_batch", "cls_imgsz", "det_imgsz", "nominal_batch"):

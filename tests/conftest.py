@@ -13,6 +13,7 @@ from yolo11 import YOLO11, YOLO11Seg
 
 TINY_CLS_SIZE = 64  # member input size of the tiny DERNet
 TINY_DET_SIZE = 64  # detector input size of the tiny YOLO11-n
+TINY_CLAHE_SIDE = 96  # both models' CLAHE working side (Eq. 1): one shared working image, shrunk to 64
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +29,10 @@ def tiny_models(tmp_path_factory) -> SimpleNamespace:
     torch.manual_seed(0)
     dernet = DERNet({name: Member(name) for name in MEMBERS}, tau=0.5,
                     image_sizes={name: TINY_CLS_SIZE for name in MEMBERS},
-                    preprocess={"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles})
+                    preprocess={"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
+                                "clahe_side": TINY_CLAHE_SIDE})
     save_dernet(dernet.eval(), out / "dernet.pt")
-    cfg = TrainConfig(scale="n", det_imgsz=TINY_DET_SIZE)
+    cfg = TrainConfig(scale="n", det_imgsz=TINY_DET_SIZE, clahe_side=TINY_CLAHE_SIDE)
     paths = {}
     for seg, model_cls in ((False, YOLO11), (True, YOLO11Seg)):
         torch.manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import bench
+import infer
 
 
 def run_bench(capsys, tmp_path, *argv) -> tuple[int, str, str, dict | None]:
@@ -150,6 +151,8 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     assert data["images"] == 8 and data["reference"] == "torch fp32, full decode"
     expected = [label for label, _ in bench.guard_settings(bench.BenchConfig(onnx=False))]
     assert [r["label"] for r in data["rows"]] == expected
+    auto = infer.resolve_precision("auto", torch.device("cpu"), "torch")   # bf16 where native, else fp32
+    assert [r["precision"] for r in data["rows"]] == ["fp32", "fp32", auto, auto]
     ref, *others = data["rows"]
     assert ref["max_abs_dS"] == 0 and ref["d_auroc"] == 0 and ref["d_map50"] == 0   # the reference against itself
     for row in others:
@@ -160,6 +163,14 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     assert sens["nudge"] == bench.BenchConfig.guard_nudge and 0 <= sens["mean_abs_dS"] <= sens["max_abs_dS"] < 1
     assert "The reference's own sensitivity" in out
     assert data["plot"] == str(tmp_path / "guard.png") and (tmp_path / "guard.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_guard_precision_picks_the_reduced_rows(precision):
+    args = bench.get_args_parser().parse_args(["guard", "--quick", "--guard-precision", precision])
+    settings = bench.guard_settings(bench.config_from_args(args))
+    assert [f["precision"] for _, f in settings] == ["fp32", "fp32", precision, precision, "fp32"]  # onnx last
+    assert [label for label, _ in settings][2:4] == [f"torch {precision}, full decode", f"torch {precision}, fast decode"]
 
 
 def test_guard_needs_trained_checkpoints(capsys, tmp_path):

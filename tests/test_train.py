@@ -512,6 +512,17 @@ def test_demo_settings_and_flags(tmp_path):
             _config("--stage", "cls", "--member-imgsz", bad)
     with pytest.raises(train.DataError, match="--train-images"):
         _config("--stage", "det", "--train-images", "-3")
+    # Eq. 1 working side: the demo's three stages share 384, the paper's sizes 640; a flag wins
+    assert {_config("--stage", s).clahe_side for s in ("cls", "det", "seg")} == {train.DEMO_CLAHE_SIDE} == {384}
+    assert paper.clahe_side == train.DataConfig.clahe_side == 640
+    assert _config("--stage", "cls", "--clahe-side", "256").clahe_side == 256
+    with pytest.raises(train.DataError, match="--clahe-side"):
+        _config("--stage", "cls", "--clahe-side", "8")
+    old = tmp_path / "old_run"   # a run folder from before clahe_side: resumed with CLAHE at the input size
+    old.mkdir()
+    saved = {k: v for k, v in dataclasses.asdict(demo).items() if k != "clahe_side"}
+    (old / "config.json").write_text(json.dumps(saved))
+    assert _config("--stage", "cls", "--resume", str(old)).clahe_side is None
 
 
 @pytest.mark.parametrize("precision,native,expected", [("auto", True, torch.bfloat16), ("auto", False, None),
@@ -550,7 +561,7 @@ def _args(root, out, stage, name, *extra) -> list[str]:
             "det": ["--epochs", "2", "--imgsz", "64", "--batch", "4", "--scale", "n", "--tau-mosaic", "2"],
             "seg": ["--epochs", "2", "--imgsz", "64", "--batch", "4", "--scale", "n", "--tau-mosaic", "2"]}[stage]
     return ["--stage", stage, "--data", str(root), "--out", str(out), "--cache-dir", str(out / "cache"),
-            "--name", name, "--bootstrap", "20", "--no-progress", *tiny, *extra]
+            "--name", name, "--bootstrap", "20", "--no-progress", "--clahe-side", "96", *tiny, *extra]
 
 
 def _run_main(argv) -> int:
@@ -577,6 +588,7 @@ def test_cls_tiny_run_writes_every_output(synthetic_root, tmp_path):
     dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
     assert dernet.tau == pytest.approx(metrics["tau"])
     assert dernet.image_sizes == {"densenet121": 32, "efficientnet_v2_s": 32, "resnet50": 40}  # per member
+    assert dernet.preprocess == {"clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "clahe_side": 96}  # what inference redoes
     assert "ResNet50 40" in report
 
 
@@ -592,6 +604,7 @@ def test_det_seg_tiny_run_writes_every_output(synthetic_root, tmp_path, stage):
     assert (run / "detections.csv").read_text().startswith("image_id,class,lt_code,score,x1,y1,x2,y2")
     report = (run / "report.md").read_text()
     assert "LT2" in report and "LT13" in report and "mAP@0.5" in report
+    assert train.load_checkpoint(run / "best.pt")["preprocess"]["clahe_side"] == 96
 
 
 def _kill_after_first_epoch(argv, marker: Path) -> None:
