@@ -13,7 +13,7 @@ from yolo11 import YOLO11, YOLO11Seg
 
 TINY_CLS_SIZE = 64  # member input size of the tiny DERNet
 TINY_DET_SIZE = 64  # detector input size of the tiny YOLO11-n
-TINY_CLAHE_SIDE = 96  # both models' CLAHE working side (Eq. 1): one shared working image, shrunk to 64
+TINY_CLAHE_SIDE = 64  # both models' CLAHE working side (Eq. 1): one shared working image
 
 
 @pytest.fixture(scope="session")

@@ -271,7 +271,7 @@ def test_build_save_load_round_trip(tmp_path, capsys):
     assert loaded.checkpoint_meta() == model.checkpoint_meta() == {
         "format": dernet.CHECKPOINT_FORMAT, "members": list(MEMBERS), "omega": pytest.approx([0.5, 0.3, 0.2]),
         "tau": 0.37, "image_sizes": model.image_sizes,
-        "preprocess": {"clahe_clip_limit": 2.0, "clahe_tile_grid": 8}}
+        "preprocess": {"clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "clahe_side": 640}}
     assert not list(tmp_path.glob("*.tmp"))
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.no_grad():

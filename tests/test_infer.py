@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -393,20 +394,21 @@ def cli(*argv) -> int:
     return infer.main(infer.get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def assert_same_boxes(boxes: list[dict], reference: np.ndarray, score_tol: float = 1e-4) -> list[int]:
-    """Result boxes vs (N, 6) [x1, y1, x2, y2, score, cls]: same count, each matched one-to-one to the
-    unmatched reference box of its class, within score_tol, that overlaps it most (boxes clipped to the
-    image may coincide, scores may tie); that overlap must be IoU > 0.99. Returns the matched rows."""
+def assert_same_boxes(boxes: list[dict], reference: np.ndarray, score_tol: float = 1e-4,
+                      agree: Callable[[dict, int], bool] | None = None) -> list[int]:
+    """Result boxes vs (N, 6) [x1, y1, x2, y2, score, cls]: same count, each matched one-to-one to an
+    unmatched reference box of its class within score_tol and IoU > 0.99. Boxes clipped to the image
+    may coincide with tied scores, so among those candidates the first one `agree`s with (e.g. whose
+    mask it equals) is taken, else the one it overlaps most. Returns the matched rows."""
     assert len(boxes) == len(reference)
     matches = []
     for b in boxes:
         iou = box_iou(torch.tensor([b["box"]], dtype=torch.float64), torch.from_numpy(reference[:, :4]))[0].numpy()
-        ok = (reference[:, 5] == b["class_id"]) & (np.abs(reference[:, 4] - b["score"]) < score_tol)
+        ok = (reference[:, 5] == b["class_id"]) & (np.abs(reference[:, 4] - b["score"]) < score_tol) & (iou > 0.99)
         ok[matches] = False
-        assert ok.any(), b
-        k = int(np.argmax(np.where(ok, iou, -1.0)))
-        assert iou[k] > 0.99
-        matches.append(k)
+        candidates = [k for k in np.flatnonzero(ok) if agree is None or agree(b, int(k))]
+        assert candidates, b
+        matches.append(int(max(candidates, key=lambda k: iou[k])))
     return matches
 
 
@@ -465,36 +467,41 @@ def fake_detections(pipe, monkeypatch, box_orig, orig_hw, cls: int = 2, score: f
     monkeypatch.setattr(pipe.backend, "detect", lambda x: (pred, None))
 
 
-def without_clahe_side(src: Path, dst: Path, dernet: bool) -> Path:
-    """A copy of a checkpoint as written before clahe_side existed (CLAHE at the model's input size)."""
+def with_clahe_side(src: Path, dst: Path, dernet: bool, side: int | None) -> Path:
+    """A copy of a checkpoint with another CLAHE working side; None: as written before clahe_side
+    existed (CLAHE at the model's input size)."""
     if dernet:
         model = load_dernet(src)
         model.preprocess.pop("clahe_side")
+        model.preprocess.update({} if side is None else {"clahe_side": side})
         save_dernet(model, dst)
         return dst
     ckpt = load_checkpoint(src)
-    return save_checkpoint({**ckpt, "preprocess": {k: v for k, v in ckpt["preprocess"].items() if k != "clahe_side"}},
+    preprocess = {k: v for k, v in ckpt["preprocess"].items() if k != "clahe_side"}
+    return save_checkpoint({**ckpt, "preprocess": {**preprocess, **({} if side is None else {"clahe_side": side})}},
                            dst)
 
 
-@pytest.mark.parametrize("old_cls, old_det, n_clahe, reduce_to", [(False, False, 1, 96), (False, True, 2, 96),
-                                                                  (True, True, 1, 64)])
+@pytest.mark.parametrize("cls_side, det_side, reduce_to", [(96, 96, 96), (96, None, 96), (None, 96, 96),
+                                                           (None, None, 64)])
 def test_clahe_once_per_working_side_and_old_checkpoints_keep_theirs(tiny_models, detectors, test_records, tmp_path,
-                                                                    monkeypatch, old_cls, old_det, n_clahe, reduce_to):
-    """conftest's checkpoints record a 96-px working side (shrunk to 64); older ones none (CLAHE at 64).
-    One CLAHE per distinct working side, the fast decode never below the largest, and the score still
-    equals train.py's evaluation path with the checkpoint's own preprocessing."""
+                                                                    monkeypatch, cls_side, det_side, reduce_to):
+    """Both 64-px models at a 96-px working side share one CLAHE; checkpoints from before clahe_side
+    (None) keep CLAHE at their input size. One CLAHE per distinct working side, the fast decode never
+    below the largest, and the score equals train.py's evaluation path with the checkpoint's own
+    preprocessing."""
     import data
-    cls_ckpt = without_clahe_side(tiny_models.cls_ckpt, tmp_path / "d.pt", True) if old_cls else tiny_models.cls_ckpt
-    det_ckpt = without_clahe_side(detectors["det"], tmp_path / "y.pt", False) if old_det else detectors["det"]
+    cls_ckpt = with_clahe_side(tiny_models.cls_ckpt, tmp_path / "d.pt", True, cls_side)
+    det_ckpt = with_clahe_side(detectors["det"], tmp_path / "y.pt", False, det_side)
     pipe = make_pipe(tiny_models, det_ckpt, cls_ckpt=str(cls_ckpt), fast_decode=True)
-    assert pipe.reduce_to == reduce_to and pipe.shared_work == (n_clahe == 1)
-    sides, clahe = [], data._clahe_u8
-    monkeypatch.setattr(data, "_clahe_u8", lambda img, *a: sides.append(max(img.shape)) or clahe(img, *a))
+    sides = {data.working_side(64, cls_side), data.working_side(64, det_side)}
+    assert pipe.reduce_to == reduce_to == max(sides) and pipe.shared_work == (len(sides) == 1)
+    seen, clahe = [], data._clahe_u8
+    monkeypatch.setattr(data, "_clahe_u8", lambda img, *a: seen.append(max(img.shape)) or clahe(img, *a))
     record = test_records[0]
     score = pipe.analyze(record.path, cascade=False).result["score"]
-    assert sorted(sides) == sorted({96 if not old_cls else 64, 96 if not old_det else 64})  # one per working side
-    cache = ImageCache(hyp=replace(DataConfig(), clahe_side=None if old_cls else 96), fast_decode=True)
+    assert sorted(seen) == sorted(sides)                                  # one CLAHE per working side
+    cache = ImageCache(hyp=replace(DataConfig(), clahe_side=cls_side), fast_decode=True)
     x = ClassificationDataset([record], pipe.cls_size, cache)[0][0]
     with torch.inference_mode():
         assert score == pytest.approx(float(pipe.dernet(x[None])[0]), abs=1e-5)
@@ -546,21 +553,26 @@ def test_segmentation_masks_equal_evaluation_in_original_pixels(seg_pipe, test_r
     analysis = seg_pipe.analyze(record.path, cascade=False)
     r = analysis.result
     H, W = r["image_size"]
-    matches = assert_same_boxes(r["boxes"], dets[record.image_id])
     region = masks[record.image_id]                                   # (N, new_h, new_w) image region
+    ys, xs = np.mgrid[:H, :W]
+
+    def same_mask(b: dict, k: int) -> bool:
+        """Ours vs the reference: the region mask scaled to the original size (nearest, pixel centres),
+        cut to the box."""
+        ours = infer.rle_decode(b["mask"])
+        full = cv2.resize(region[k].astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
+        x1, y1, x2, y2 = b["box"]
+        full &= (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        union = (full | ours).sum()
+        return union == 0 or (full & ours).sum() / union > 0.99
+
+    assert_same_boxes(r["boxes"], dets[record.image_id], agree=same_mask)   # every box with its mask
     assert len(r["boxes"]) > 0 and region.shape[0] == len(r["boxes"])
-    for b, k in zip(r["boxes"], matches):
+    for b in r["boxes"]:
         ours = infer.rle_decode(b["mask"])
         assert ours.shape == (H, W)
         assert (coco_mask.frPyObjects(b["mask"], H, W)["counts"]
                 == coco_mask.encode(np.asfortranarray(ours.astype(np.uint8)))["counts"])
-        # reference: the region mask scaled to the original size (nearest, pixel centres), cut to the box
-        full = cv2.resize(region[k].astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST_EXACT).astype(bool)
-        x1, y1, x2, y2 = b["box"]
-        ys, xs = np.mgrid[:H, :W]
-        full &= (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
-        union = (full | ours).sum()
-        assert union == 0 or (full & ours).sum() / union > 0.99
     rgb = seg_pipe.render(analysis)
     assert rgb.shape == (H, W, 3)
 
@@ -828,9 +840,12 @@ def test_onnx_backend_equals_torch(onnx_dir, tiny_models, detectors, seg_pipe, t
         assert abs(a["score"] - b["score"]) < 1e-4 and a["backend"] == "onnx"
         assert list(a["member_probs"].values()) == pytest.approx(list(b["member_probs"].values()), abs=1e-4)
         reference = np.array([[*x["box"], x["score"], x["class_id"]] for x in b["boxes"]]).reshape(-1, 6)
-        for box, k in zip(a["boxes"], assert_same_boxes(a["boxes"], reference)):
+
+        def same_mask(box: dict, k: int) -> bool:
             ma, mb = infer.rle_decode(box["mask"]), infer.rle_decode(b["boxes"][k]["mask"])
-            assert (ma & mb).sum() >= 0.99 * (ma | mb).sum()
+            return (ma & mb).sum() >= 0.99 * (ma | mb).sum()
+
+        assert_same_boxes(a["boxes"], reference, agree=same_mask)   # every box with its mask
         n_boxes += len(a["boxes"])
     assert n_boxes > 0
     with pytest.raises(infer.InferError, match="exported from another checkpoint"):

@@ -659,7 +659,7 @@ def test_torchrun_two_cpu_processes(synthetic_root, tmp_path, stage):
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = train.TrainConfig(**json.loads((run / "config.json").read_text()))
     splits = train.load_splits(cfg, synthetic_root, cfg.fold)
-    cache = train.ImageCache(cfg.cache_dir)
+    cache = train.ImageCache(cfg.cache_dir, hyp=train.data_config(cfg))   # the run's CLAHE working side
     rt = train.Runtime()  # one CPU process
     if stage == "cls":
         dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
