@@ -821,7 +821,7 @@ class ImageCache:
         return hashlib.sha1(repr(parts).encode()).hexdigest()
 
     def compute(self, path: Path, long_side: int) -> tuple[np.ndarray, ImageMeta]:
-        side = working_side(long_side, self.hyp.clahe_side)
+        side = working_side(long_side, self.hyp.clahe_side if self.clahe else None)
         img, meta = load_image(path, max_pixels=self.hyp.max_pixels, reduce_to=side if self.fast_decode else None)
         return prepare_image(img, long_side, clahe=self.clahe, clip_limit=self.hyp.clahe_clip,
                              tile_grid=self.hyp.clahe_tiles, clahe_side=self.hyp.clahe_side), meta

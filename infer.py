@@ -568,22 +568,6 @@ class Analysis:
     work: np.ndarray | None = None   # (h, w) uint8 CLAHE'd working image x_cls was shrunk from (Eq. 1)
 
 
-def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the weights autocast casts on every call (convolutions, linear layers) in its dtype, once.
-
-    Autocast keeps fp32 master weights and converts each one at every forward (its cast cache lives for
-    one autocast region): ~55 M DERNet and ~25 M YOLO11-L parameters read and rewritten per image.
-    Converting them ahead gives the same arithmetic, bit for bit (tested), and saved here (bf16, one
-    image) DenseNet121 2, EfficientNetV2-S 6, ResNet50 5 ms at 384; YOLO11-L at 640 gained 0-10 ms
-    (within run-to-run noise, bench.py yolo). Other layers (BatchNorm of the unfused members) keep
-    fp32, as under autocast, and so do the convolutions inside FP32Conv. In place; returns model."""
-    kept = {layer for m in model.modules() if isinstance(m, FP32Conv) for layer in m.modules()}
-    for layer in model.modules():
-        if isinstance(layer, AUTOCAST_LAYERS) and layer not in kept:
-            layer.to(dtype)
-    return model
-
-
 class FP32Conv(nn.Module):
     """A convolution that runs in fp32 inside a bf16 / fp16 autocast region (a member's stem).
 
@@ -608,6 +592,22 @@ def fp32_stems(dernet: DERNet) -> DERNet:
         path = ARCHS[member.name]["stem"]
         member.net.set_submodule(path, FP32Conv(member.net.get_submodule(path)))
     return dernet
+
+
+def precast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the weights autocast casts on every call (convolutions, linear layers) in its dtype, once.
+
+    Autocast keeps fp32 master weights and converts each one at every forward (its cast cache lives for
+    one autocast region): ~55 M DERNet and ~25 M YOLO11-L parameters read and rewritten per image.
+    Converting them ahead gives the same arithmetic, bit for bit (tested), and saved here (bf16, one
+    image) DenseNet121 2, EfficientNetV2-S 6, ResNet50 5 ms at 384; YOLO11-L at 640 gained 0-10 ms
+    (within run-to-run noise, bench.py yolo). Other layers (BatchNorm of the unfused members) keep
+    fp32, as under autocast, and so do the convolutions inside FP32Conv. In place; returns model."""
+    kept = {layer for m in model.modules() if isinstance(m, FP32Conv) for layer in m.modules()}
+    for layer in model.modules():
+        if isinstance(layer, AUTOCAST_LAYERS) and layer not in kept:
+            layer.to(dtype)
+    return model
 
 
 class TorchBackend:
@@ -679,13 +679,14 @@ class Pipeline:
         p = self.dernet.preprocess                                           # what training applied (Eq. 1)
         self.cls_preprocess = working_params(p)
         detector, self.det_meta = load_detector(self.det_path) if self.det_path else (None, None)
-        self.det_preprocess, self.shared_work = None, False
+        keys = [working_key(self.cls_size, self.cls_preprocess)]             # (side, clip, tiles) per model
+        self.det_preprocess = None
         if self.det_meta:
             self.det_preprocess = working_params(self.det_meta["preprocess"])
             self.det_pad_value = float(self.det_meta["preprocess"]["pad_value"])
-            # one CLAHE per image when both models were trained on the same working image
-            self.shared_work = (working_key(self.cls_size, self.cls_preprocess) ==
-                                working_key(self.det_meta["imgsz"], self.det_preprocess))
+            keys.append(working_key(self.det_meta["imgsz"], self.det_preprocess))
+        # one CLAHE per image when both models were trained on the same working image
+        self.shared_work = len(keys) == 2 and keys[0] == keys[1]
         # 3. the backend that runs the cascade
         if cfg.backend == "torch":
             self.backend = TorchBackend(self.dernet, detector, self.device, self.precision)
@@ -693,10 +694,7 @@ class Pipeline:
             self.backend = OnnxBackend(*onnx_files(cfg, self), self.device)
             self.backend.check(self)
         # 4. decode no smaller than the largest working image (issue 11), then one warm-up pass
-        sides = [working_key(self.cls_size, self.cls_preprocess)[0]]
-        if self.det_meta:
-            sides.append(working_key(self.det_meta["imgsz"], self.det_preprocess)[0])
-        self.reduce_to = max(sides) if cfg.fast_decode else None
+        self.reduce_to = max(side for side, _, _ in keys) if cfg.fast_decode else None
         self._warm_up()
 
     @property
