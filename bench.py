@@ -244,14 +244,18 @@ def write_json(path: Path, obj) -> None:
 
 
 def cpu_info() -> dict:
-    """Model name and feature flags of the first CPU in /proc/cpuinfo (Linux); the platform's name elsewhere."""
+    """Model name, x86 family/model/stepping and feature flags of the first CPU in /proc/cpuinfo (Linux); the
+    platform's name elsewhere. Virtual machines often report only "AMD EPYC": the family and model tell CPU
+    generations apart (AMD family 25 = Zen 3/4, 26 = Zen 5), which matters when comparing timings."""
     fields = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     flags = set((fields.get("flags") or fields.get("Features") or "").split())  # x86 / ARM
-    return {"model": fields.get("model name") or platform.processor() or platform.machine(), "flags": flags}
+    generation = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "family/model/stepping": generation or None, "flags": flags}
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -383,7 +387,8 @@ def published_yolo(scale: str, nc: int) -> nn.Module:
 def bench_machine(cfg: BenchConfig, ws: Workspace) -> Section:
     info, device = cpu_info(), ws.device
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    data = {"cpu": info["model"], "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
+    data = {"cpu": info["model"], "cpu_family/model/stepping": info["family/model/stepping"],
+            "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
             "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "bf16_native_cpu": bf16_native(torch.device("cpu")),

@@ -2,6 +2,9 @@
 table and its figures in JSON; the helpers (timing, marks, ONNX runner, synthetic targets); user mistakes
 exit 2 with one line. No timed assertions: the speed targets live in bench.py."""
 import json
+import platform
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +81,8 @@ def test_machine(capsys, tmp_path):
     data = report["sections"]["machine"]
     assert data["torch_threads"] == 1  # --threads 1
     assert data["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if platform.machine() in ("x86_64", "AMD64") and Path("/proc/cpuinfo").exists():
+        assert re.fullmatch(r"\d+/\d+/\d+", data["cpu_family/model/stepping"])  # tells CPU generations apart
     cpu = [m for m in data["matmul"] if m["device"] == "cpu"]
     assert [m["dtype"] for m in cpu] == ["float32", "bfloat16"][: 1 + bench.bf16_native(torch.device("cpu"))]
     assert all(m["gflops"] > 0 and m["runs"] == bench.QUICK["runs"] for m in cpu)
