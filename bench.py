@@ -797,9 +797,10 @@ def guard_split(cfg: BenchConfig, ws: Workspace, root: Path | None):
                          f"python train.py --stage cls writes the synthetic set, or pass --data") from None
 
 
-def nudged_score(pipe, image: np.ndarray, nudge: float) -> float:
-    """S of the decoded display image made brighter by `nudge` (Pipeline.analyze's steps 2-3)."""
-    work = infer.working_image(np.clip(image + nudge, 0, 1), pipe.cls_size, **pipe.cls_preprocess)
+def nudged_score(pipe, analysis, nudge: float) -> float:
+    """S of the analysed (decoded) display image made brighter by `nudge` (Pipeline.analyze's steps 2-3)."""
+    work = infer.working_image(np.clip(analysis.image + nudge, 0, 1), pipe.cls_size, **pipe.cls_preprocess,
+                               full_hw=tuple(analysis.result["image_size"]))
     x, _ = infer.classifier_view(work, pipe.cls_size)
     return float(pipe.backend.score(torch.from_numpy(x)[None])[0][0])
 
@@ -818,7 +819,7 @@ def run_split(label: str, fields: dict, records, cfg: BenchConfig, ws: Workspace
         boxes = [[*b["box"], b["score"], b["class_id"]] for b in analysis.result["boxes"]]
         detections[r.image_id] = np.array(boxes, np.float32).reshape(-1, 6)
         if nudge is not None:
-            nudged.append(nudged_score(pipe, analysis.image, nudge))
+            nudged.append(nudged_score(pipe, analysis, nudge))
     return {"scores": np.array(scores), "nudged": np.array(nudged), "detections": detections,
             "precision": pipe.precision}
 

@@ -538,13 +538,18 @@ def resize_image(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def fit_hw(hw: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """(h, w) shrunk so that max(h, w) == long_side, aspect kept; smaller sizes are left as they are."""
+    h, w = hw
+    if max(h, w) <= long_side:
+        return h, w
+    r = long_side / max(h, w)
+    return max(1, round(h * r)), max(1, round(w * r))
+
+
 def fit_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     """Shrink so that max(h, w) == long_side; smaller images are left as they are."""
-    h, w = img.shape[:2]
-    if max(h, w) <= long_side:
-        return img
-    r = long_side / max(h, w)
-    return resize_image(img, (max(1, round(h * r)), max(1, round(w * r))))
+    return resize_image(img, fit_hw(img.shape[:2], long_side))
 
 
 def working_side(long_side: int, clahe_side: int | None) -> int:
@@ -554,10 +559,15 @@ def working_side(long_side: int, clahe_side: int | None) -> int:
 
 
 def clahe_image(img: np.ndarray, side: int, *, clahe: bool = True, clip_limit: float = DataConfig.clahe_clip,
-                tile_grid: int = DataConfig.clahe_tiles) -> np.ndarray:
+                tile_grid: int = DataConfig.clahe_tiles, full_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Display image (H, W) float32 [0, 1] -> shrink to long side `side` (area average) -> uint8 ->
-    CLAHE (Eq. 1, Sec. 3.1) -> (h, w) uint8: the working image every model input is shrunk from."""
-    u8 = to_uint8(fit_long_side(img, side))
+    CLAHE (Eq. 1, Sec. 3.1) -> (h, w) uint8: the working image every model input is shrunk from.
+
+    full_hw: the size of the full decode (ImageMeta) when img is a reduced JPEG 2000 decode. The working
+    image is sized from it, so both decodes give the same (h, w): the reduced decode's ceil(H / 2^r)
+    rounding can change the aspect by a pixel (a 794 x 619 test image gives 384 x 299, its level-1
+    decode 397 x 310 would give 384 x 300), and every later shape (the model inputs) follows."""
+    u8 = to_uint8(resize_image(img, fit_hw(full_hw or img.shape[:2], side)))
     return _clahe_u8(u8, clip_limit, tile_grid) if clahe else u8
 
 
@@ -570,7 +580,8 @@ def shrink_u8(u8: np.ndarray, long_side: int) -> np.ndarray:
 
 def prepare_image(img: np.ndarray, long_side: int, *, clahe: bool = True,
                   clip_limit: float = DataConfig.clahe_clip, tile_grid: int = DataConfig.clahe_tiles,
-                  clahe_side: int | None = DataConfig.clahe_side) -> np.ndarray:
+                  clahe_side: int | None = DataConfig.clahe_side,
+                  full_hw: tuple[int, int] | None = None) -> np.ndarray:
     """The one preprocessing path (cache, training and inference): display image (H, W) float32
     -> shrink to the working side (area average) -> CLAHE (Eq. 1, Sec. 3.1) -> shrink to long_side
     -> (h, w) uint8.
@@ -585,7 +596,8 @@ def prepare_image(img: np.ndarray, long_side: int, *, clahe: bool = True,
     amplifies full-resolution noise and texture, so a reduced JPEG 2000 decode (issue 11) would no
     longer give nearly the same input (3-16 % mean difference, against ~1-2 % at the working side)."""
     side = working_side(long_side, clahe_side if clahe else None)
-    return shrink_u8(clahe_image(img, side, clahe=clahe, clip_limit=clip_limit, tile_grid=tile_grid), long_side)
+    work = clahe_image(img, side, clahe=clahe, clip_limit=clip_limit, tile_grid=tile_grid, full_hw=full_hw)
+    return shrink_u8(work, long_side)
 
 
 def letterbox_geometry(hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
@@ -798,7 +810,7 @@ def split_fold(records: list[Record], fold: int, n_folds: int = DataConfig.n_fol
 # -----------------------------------------------------------------------------
 # 5. On-disk image cache and the torch Datasets
 
-CACHE_VERSION = 2  # bump when prepare_image changes so stale entries are never read
+CACHE_VERSION = 3  # bump when prepare_image changes so stale entries are never read
 
 
 class ImageCache:
@@ -824,7 +836,8 @@ class ImageCache:
         side = working_side(long_side, self.hyp.clahe_side if self.clahe else None)
         img, meta = load_image(path, max_pixels=self.hyp.max_pixels, reduce_to=side if self.fast_decode else None)
         return prepare_image(img, long_side, clahe=self.clahe, clip_limit=self.hyp.clahe_clip,
-                             tile_grid=self.hyp.clahe_tiles, clahe_side=self.hyp.clahe_side), meta
+                             tile_grid=self.hyp.clahe_tiles, clahe_side=self.hyp.clahe_side,
+                             full_hw=(meta.height, meta.width)), meta
 
     def get(self, path, long_side: int) -> tuple[np.ndarray, ImageMeta]:
         """(h, w) uint8 with max(h, w) == min(long_side, original long side), and the ImageMeta."""

@@ -465,10 +465,12 @@ def working_key(size: int, params: dict) -> tuple[int, float, int]:
 
 
 def working_image(img: np.ndarray, size: int, clip_limit: float, tile_grid: int,
-                  clahe_side: int | None) -> np.ndarray:
+                  clahe_side: int | None, full_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Display image (h, w) in [0, 1] -> the CLAHE'd (Eq. 1) uint8 working image a model of input size
-    `size` is shrunk from (data.prepare_image's first half: clahe_image at working_side)."""
-    return clahe_image(img, working_side(size, clahe_side), clip_limit=clip_limit, tile_grid=tile_grid)
+    `size` is shrunk from (data.prepare_image's first half: clahe_image at working_side), sized from
+    full_hw, the original (H, W), when img is a reduced decode."""
+    return clahe_image(img, working_side(size, clahe_side), clip_limit=clip_limit, tile_grid=tile_grid,
+                       full_hw=full_hw)
 
 
 def classifier_view(work: np.ndarray, size: int) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -736,7 +738,8 @@ class Pipeline:
         img, meta = load_image(src, reduce_to=self.reduce_to)
         t1 = time.perf_counter()
         # 2. DERNet input, exactly as in evaluation: CLAHE once at the working side, then shrink
-        work = working_image(img, self.cls_size, **self.cls_preprocess)      # (h, w) uint8, Eq. 1
+        work = working_image(img, self.cls_size, **self.cls_preprocess,
+                             full_hw=(meta.height, meta.width))                 # (h, w) uint8, Eq. 1
         x, region = classifier_view(work, self.cls_size)
         x_cls = torch.from_numpy(x)[None]                                    # (1, 1, S, S)
         t2 = time.perf_counter()
@@ -765,7 +768,8 @@ class Pipeline:
         orig_hw = tuple(result["image_size"])
         seg = self.det_meta["stage"] == "seg"
         t0 = time.perf_counter()
-        work = analysis.work if self.shared_work else working_image(analysis.image, size, **self.det_preprocess)
+        work = analysis.work if self.shared_work else working_image(analysis.image, size, **self.det_preprocess,
+                                                                    full_hw=orig_hw)
         x, ratio, pad = detector_view(work, orig_hw, size, self.det_pad_value)
         t1 = time.perf_counter()
         pred, protos = self.backend.detect(torch.from_numpy(x)[None, None])  # (1, 4 + nc [+ 32], A)

@@ -305,6 +305,30 @@ def test_recentred_reduced_decode_is_closer_to_the_area_average(tmp_path, monkey
     assert np.abs(ref - fast).mean() < 0.5 * np.abs(ref - low_band).mean()  # measured: 0.35-0.39 x
 
 
+@pytest.mark.parametrize("hw,long_side", [((794, 619), 128), ((771, 563), 128), ((588, 771), 96)])
+def test_reduced_decode_gives_the_full_decode_shapes(tmp_path, hw, long_side):
+    # ceil(H / 2^r) can round the reduced decode to another aspect (794 x 619 -> 397 x 310: 300 columns
+    # at 384 instead of 299; 771 x 563: 281 instead of 280, and 94 instead of 93 at 128); the working
+    # image and the model input are sized from the original
+    rng = np.random.default_rng(1)
+    stored, window, _, _ = D.synth_radiograph(rng, hw, "lateral", "lumbar", (2, 2))
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
+    side = 384  # the demo's CLAHE working side
+    full, meta = D.load_image(path)
+    fast, _ = D.load_image(path, reduce_to=side)
+    assert fast.shape != full.shape  # a reduced level was decoded
+    work_full = D.clahe_image(full, side)
+    work_fast = D.clahe_image(fast, side, full_hw=(meta.height, meta.width))
+    assert work_fast.shape == work_full.shape == D.fit_hw(hw, side)
+    kw = dict(clahe_side=side)
+    x_full = D.prepare_image(full, long_side, **kw)
+    x_fast = D.prepare_image(fast, long_side, **kw, full_hw=(meta.height, meta.width))
+    assert x_fast.shape == x_full.shape
+    assert np.abs(x_fast.astype(int) - x_full).mean() < 0.02 * 255  # the same image, up to the decode
+    cached = D.ImageCache(tmp_path / "cache", fast_decode=True, hyp=D.DataConfig(clahe_side=side))
+    assert cached.get(path, long_side)[0].shape == x_full.shape
+
+
 # --- preprocessing
 
 

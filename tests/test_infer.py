@@ -507,6 +507,19 @@ def test_clahe_once_per_working_side_and_old_checkpoints_keep_theirs(tiny_models
         assert score == pytest.approx(float(pipe.dernet(x[None])[0]), abs=1e-5)
 
 
+def test_fast_decode_keeps_the_full_decode_shapes(det_pipe, tmp_path, monkeypatch):
+    # 290 x 201 decodes at level 1 to 145 x 101 (this codestream's deepest level that Pillow takes), which
+    # alone would fit 64 px as 64 x 45; the full decode gives 64 x 44. The working image and the DERNet
+    # input's region follow the original size.
+    rng = np.random.default_rng(0)
+    dcm = write_dicom(tmp_path / "odd.dcm", rng.integers(0, 4096, (290, 201)).astype(np.uint16), compress=True)
+    full = det_pipe.analyze(dcm, cascade=False)
+    monkeypatch.setattr(det_pipe, "reduce_to", det_pipe.cls_size)   # the fast decode of a 64-px model
+    fast = det_pipe.analyze(dcm, cascade=False)
+    assert fast.image.shape == (145, 101) and full.image.shape == (290, 201)
+    assert fast.work.shape == full.work.shape == (64, 44) and fast.cls_region == full.cls_region
+
+
 def test_boxes_map_back_to_original_pixels(det_pipe, tmp_path, monkeypatch):
     # a wide PNG (letterbox pads top and bottom) and a tall 12-bit JPEG 2000 DICOM decoded at 1/4 size
     rng = np.random.default_rng(0)
