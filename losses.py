@@ -198,13 +198,15 @@ class TaskAlignedAssigner(nn.Module):
     tiny boxes to 16 px for candidate selection; earlier ones, followed here, do not).
     """
 
-    def __init__(self, topk: int = 10, num_classes: int = 7, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9):
+    def __init__(self, topk: int = 10, num_classes: int = 7, alpha: float = 0.5, beta: float = 6.0, eps: float = 1e-9,
+                 target_eps: float = 1e-9):
         super().__init__()
         self.topk = topk
         self.num_classes = num_classes
         self.alpha = alpha
         self.beta = beta
         self.eps = eps
+        self.target_eps = target_eps
 
     @torch.no_grad()
     def forward(
@@ -299,19 +301,22 @@ class TaskAlignedAssigner(nn.Module):
 
     def soft_targets(self, align: torch.Tensor, overlaps: torch.Tensor, mask_pos: torch.Tensor) -> torch.Tensor:
         """(B, M, A) metric t, overlaps u and positives -> (B, A) soft target of each anchor: per object,
-        t / max t × max u, so the object's best anchor gets its best overlap and the others proportionally
-        less. Background anchors get 0; so does an object whose t is 0 at every positive (u = 0).
+        t / (max t + target_eps) × max u, so the object's best anchor gets (about) its best overlap and the
+        others proportionally less. Background anchors get 0; so does an object whose t is 0 everywhere.
 
-        Reference: it divides by (max t + 1e-9). With β = 6, t = s^0.5 · u^6 falls below 1e-9 whenever the
-        best overlap is under ~0.05 at the initial score s ≈ 0.01, as for a small object whose predicted
-        boxes are still far too large. Its targets then shrink towards 0, and with them its box and DFL
-        terms (weighted by the target): the object gets almost no gradient and can stay unlearned (the
-        overfit test of tests/test_train.py: three of nine osteophytes never detected, AP 0.66, on one
-        CPU; all found with this rule). Here the division only guards against 0 / 0."""
+        target_eps = 1e-9 is the reference's guard, and the default. With β = 6 it is not only a guard:
+        t = s^0.5 · u^6 falls below 1e-9 whenever the best overlap is under ~0.05 at the initial score
+        s ≈ 0.01, as for a small object under the head's initial, too-large boxes. That object's targets
+        shrink towards 0, and with them its box and DFL terms (weighted by the target), so it can stay
+        unlearned: in the overfit test of tests/test_train.py three of nine osteophytes were never
+        detected on one CPU. target_eps = 0 is TOOD's exact t / max t (only 0 / 0 is guarded) and finds
+        them all; one 30-epoch detection demo with it scored lower on validation (mAP@0.5 52.0 against
+        56.6), so the default stays the reference's until more runs decide."""
         align = align * mask_pos  # (B, M, A)
         max_align = align.amax(-1, keepdim=True)  # (B, M, 1)
         max_overlap = (overlaps * mask_pos).amax(-1, keepdim=True)  # (B, M, 1)
-        return (align * max_overlap / max_align.clamp(min=torch.finfo(align.dtype).tiny)).amax(-2)  # (B, A)
+        norm = max_align.clamp(min=torch.finfo(align.dtype).tiny) + self.target_eps  # (B, M, 1), never 0
+        return (align * max_overlap / norm).amax(-2)  # (B, A)
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +336,7 @@ class LossConfig:
     topk: int = 10  # assigner top-k (reference; REFERENCE.md §3)
     tal_alpha: float = 0.5  # assigner exponent of the class score s (reference)
     tal_beta: float = 6.0  # assigner exponent of the overlap u (reference)
+    tal_target_eps: float = 1e-9  # soft targets t / (max t + eps) (reference); 0 = TOOD's exact t / max t
 
     def __post_init__(self):
         if self.cls_loss not in ("focal", "bce"):
@@ -372,7 +378,7 @@ class DetectionLoss:
         self.reg_max = reg_max
         self.strides = tuple(float(s) for s in strides)
         self.cfg = cfg
-        self.assigner = TaskAlignedAssigner(cfg.topk, nc, cfg.tal_alpha, cfg.tal_beta)
+        self.assigner = TaskAlignedAssigner(cfg.topk, nc, cfg.tal_alpha, cfg.tal_beta, target_eps=cfg.tal_target_eps)
         self.dfl_loss = DFLoss(reg_max)
 
     def __call__(self, feats: list[torch.Tensor], targets: torch.Tensor, imgsz=None):

@@ -212,23 +212,26 @@ def test_assigner_small_box_gets_all_its_candidates():
     assert torch.isfinite(asg.scores).all() and asg.scores.abs().sum() == 0  # quality 0, no NaN
 
 
-def test_assigner_small_alignment_still_gives_the_best_overlap():
-    # a 16-px object under 120-px predicted boxes (the head's size at initialisation) with the prior score
-    # 0.01: overlap ~0.02, so t = s^0.5 u^6 ~ 1e-11. Its best anchor's target is still its best overlap
-    # (the reference's t / (max t + 1e-9) gives ~1 % of it, and its box loss the same weight).
+@pytest.mark.parametrize("target_eps", [1e-9, 0.0])
+def test_assigner_soft_targets_of_a_small_alignment(target_eps):
+    # a 16-px object under 120-px predicted boxes (the head's size at initialisation) at the prior score
+    # 0.01: overlap ~0.02, so t = s^0.5 u^6 ~ 1e-12. TOOD's t / max t (target_eps 0) still gives its best
+    # anchor its best overlap; the reference's t / (max t + 1e-9), the default, gives a fraction of it.
     anchors = grid_anchors(64, 8)
     A = len(anchors)
     gt = torch.tensor([18.0, 18.0, 34.0, 34.0])  # contains the centres 20 and 28 in x and y
     pred = torch.cat([anchors - 60.0, anchors + 60.0], 1)  # (A, 4) 120-px boxes centred on each anchor
-    asg = assign(TaskAlignedAssigner(10, 1), torch.full((A, 1), 0.01), pred, anchors, [0], gt)
+    asg = assign(TaskAlignedAssigner(10, 1, target_eps=target_eps), torch.full((A, 1), 0.01), pred, anchors, [0], gt)
     fg = asg.fg_mask[0]
     u = tvops.complete_box_iou(gt[None], pred)[0].clamp(min=0)  # (A,)
     t = 0.1 * u ** 6
-    assert int(fg.sum()) == 4 and t[fg].max() < 1e-9  # the regime the reference's eps swallows
-    torch.testing.assert_close(asg.scores[0, fg, 0].max(), u[fg].max())
-    torch.testing.assert_close(asg.scores[0, fg, 0], t[fg] / t[fg].max() * u[fg].max())
-    reference = t[fg] / (t[fg].max() + 1e-9) * u[fg].max()
-    assert reference.max() < 0.05 * u[fg].max()
+    assert int(fg.sum()) == 4 and t[fg].max() < 1e-9  # the regime where the two rules part
+    expected = t[fg] / (t[fg].max() + target_eps) * u[fg].max()
+    torch.testing.assert_close(asg.scores[0, fg, 0], expected)
+    if target_eps == 0:
+        torch.testing.assert_close(asg.scores[0, fg, 0].max(), u[fg].max())
+    else:
+        assert asg.scores[0, fg, 0].max() < 0.05 * u[fg].max()
 
 
 def test_assigner_conflict_goes_to_highest_overlap():
@@ -442,7 +445,7 @@ def test_seg_loss_rejects_masks_at_the_wrong_resolution():
 
 
 def reference_rules_assigner():
-    """Our assigner with the reference's tie, conflict and normalisation rules, to isolate every other difference."""
+    """Our assigner with the reference's two tie/conflict rules, to isolate every other difference."""
 
     class ReferenceRules(TaskAlignedAssigner):
         def select_topk(self, align, candidates):  # the reference ranks every anchor
@@ -453,11 +456,6 @@ def reference_rules_assigner():
             best = F.one_hot(overlaps.argmax(-2), mask_pos.shape[1]).permute(0, 2, 1).bool()
             mask_pos = torch.where(mask_pos.sum(-2, keepdim=True) > 1, best, mask_pos)
             return mask_pos.to(torch.uint8).argmax(-2), mask_pos.any(-2), mask_pos
-
-        def soft_targets(self, align, overlaps, mask_pos):  # ...and divides by (max t + 1e-9)
-            align = align * mask_pos
-            max_overlap = (overlaps * mask_pos).amax(-1, keepdim=True)
-            return (align * max_overlap / (align.amax(-1, keepdim=True) + 1e-9)).amax(-2)
 
     return ReferenceRules(10, NC, 0.5, 6.0)
 
