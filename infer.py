@@ -889,7 +889,7 @@ WORKING_TEXT = {  # how the exported models' inputs were made (data.prepare_imag
 
 
 def dernet_onnx_metadata(dernet: DERNet) -> dict:
-    size = max(dernet.image_sizes.values())
+    size, params = max(dernet.image_sizes.values()), working_params(dernet.preprocess)
     return {"format": ONNX_FORMAT, "model": "dernet", "members": list(dernet.members),
             "omega": [float(w) for w in dernet.omega], "tau": float(dernet.tau),
             "image_sizes": dict(dernet.image_sizes), "input_size": size,
@@ -899,9 +899,8 @@ def dernet_onnx_metadata(dernet: DERNet) -> dict:
             "preprocess": {"decode": "DICOM: Modality LUT, VOI LUT or first window, MONOCHROME1 inverted; "
                                      "PNG/JPEG: grey, min-max; then [0, 1]",
                            "long_side": size, **WORKING_TEXT,
-                           "clahe_clip_limit": float(dernet.preprocess.get("clahe_clip_limit", DataConfig.clahe_clip)),
-                           "clahe_tile_grid": int(dernet.preprocess.get("clahe_tile_grid", DataConfig.clahe_tiles)),
-                           "clahe_side": dernet.preprocess.get("clahe_side"),
+                           "clahe_clip_limit": params["clip_limit"], "clahe_tile_grid": params["tile_grid"],
+                           "clahe_side": params["clahe_side"],
                            "letterbox": "centred, integer padding", "pad_value": DataConfig.cls_pad_value}}
 
 
