@@ -793,6 +793,30 @@ def test_bf16_backend_converts_a_copy_and_keeps_the_member_stems_fp32(tiny_model
     assert all(c.weight.dtype == torch.bfloat16 for c in convs if c not in stems)
     assert all(m.weight.dtype == torch.float32 for m in pipe.dernet.modules() if isinstance(m, nn.Conv2d))  # Grad-CAM
     assert pipe.backend.detector.backbone.stem.conv.weight.dtype == torch.bfloat16
+    head_outputs = [m.conv for m in pipe.backend.detector.modules() if isinstance(m, infer.FP32Conv)]
+    assert len(head_outputs) == 6 and all(c.weight.dtype == torch.float32 for c in head_outputs)
+
+
+@pytest.mark.parametrize("model_class", [YOLO11, YOLO11Seg])
+def test_fp32_head_outputs_are_unrounded_logits_under_bf16_autocast(model_class):
+    """Each head branch's last convolution keeps its fp32 weights and returns the fp32 convolution of
+    its (bf16) input, bit for bit; the layers before it still run in bf16."""
+    torch.manual_seed(0)
+    model, x = model_class(nc=len(CLASSES), scale="n").fuse().eval(), torch.rand(1, 3, 64, 64)
+    fast = infer.precast(infer.fp32_head_outputs(copy.deepcopy(model)), torch.bfloat16)
+    wrapped = {name: m for name, m in fast.named_modules() if isinstance(m, infer.FP32Conv)}
+    assert len(wrapped) == 3 * (3 if model_class is YOLO11Seg else 2)   # box, cls [, coef] per level
+    seen = {}
+    for name, m in wrapped.items():
+        m.register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o)}))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x)
+    for name, (inp, out) in seen.items():
+        original = model.get_submodule(name)                       # the fp32 nn.Conv2d it wraps
+        assert inp.dtype == torch.bfloat16 and out.dtype == torch.float32
+        with torch.inference_mode():
+            assert torch.equal(out, original(inp.float()))
+    assert len(seen) == len(wrapped)
 
 
 @pytest.mark.parametrize("name", MEMBERS)
