@@ -748,16 +748,21 @@ class Pipeline:
         name: the "file" of the result (default: the path as given, or "upload" for bytes);
         cascade: None = cfg.cascade; False runs the detector whatever S (--no-cascade).
         """
-        cascade = self.cfg.cascade if cascade is None else cascade
         if name is None:
             name = str(src) if isinstance(src, (str, os.PathLike)) else "upload"
         t0 = time.perf_counter()
         # 1. decode and window; reduced JPEG 2000 level when fast_decode (long side >= reduce_to)
         img, meta = load_image(src, reduce_to=self.reduce_to)
+        return self.analyze_decoded(img, (meta.height, meta.width), name, cascade, 1e3 * (time.perf_counter() - t0))
+
+    def analyze_decoded(self, img: np.ndarray, full_hw: tuple[int, int], name: str = "image",
+                        cascade: bool | None = None, decode_ms: float = 0.0) -> Analysis:
+        """analyze() from step 2 on, for an image already decoded and windowed: img (h, w) float32 in
+        [0, 1], possibly a reduced decode of an original of full_hw = (H, W) pixels."""
+        cascade = self.cfg.cascade if cascade is None else cascade
         t1 = time.perf_counter()
         # 2. DERNet input, exactly as in evaluation: CLAHE once at the working side, then shrink
-        work = working_image(img, self.cls_size, **self.cls_preprocess,
-                             full_hw=(meta.height, meta.width))                 # (h, w) uint8, Eq. 1
+        work = working_image(img, self.cls_size, **self.cls_preprocess, full_hw=full_hw)   # (h, w) uint8, Eq. 1
         x, region = classifier_view(work, self.cls_size)
         x_cls = torch.from_numpy(x)[None]                                    # (1, 1, S, S)
         t2 = time.perf_counter()
@@ -766,17 +771,17 @@ class Pipeline:
         score, probs = float(score[0]), [float(p) for p in probs[0]]
         t3 = time.perf_counter()
         abnormal = score > self.tau                                          # line 17
-        result = {"file": name, "image_size": [meta.height, meta.width], "score": score, "threshold": self.tau,
+        result = {"file": name, "image_size": list(full_hw), "score": score, "threshold": self.tau,
                   "decision": "abnormal" if abnormal else "normal",
                   "member_probs": dict(zip(self.dernet.members, probs)), "detector_ran": False, "boxes": [],
-                  "timings_ms": {"decode": 1e3 * (t1 - t0), "preprocess": 1e3 * (t2 - t1),
+                  "timings_ms": {"decode": decode_ms, "preprocess": 1e3 * (t2 - t1),
                                  "dernet": 1e3 * (t3 - t2), "detector": 0.0, "total": 0.0},
                   "backend": self.backend.name, "precision": self.precision}
-        analysis = Analysis(result, img, img.shape[1] / meta.width, x_cls, region, work)
+        analysis = Analysis(result, img, img.shape[1] / full_hw[1], x_cls, region, work)
         # 4. lines 18-19: lesions only for abnormal studies (or always without the cascade)
         if self.has_detector and (abnormal or not cascade):
             self._detect(analysis)
-        result["timings_ms"]["total"] = 1e3 * (time.perf_counter() - t0)
+        result["timings_ms"]["total"] = decode_ms + 1e3 * (time.perf_counter() - t1)
         return analysis
 
     def _detect(self, analysis: Analysis) -> None:

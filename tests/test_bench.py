@@ -6,6 +6,7 @@ import platform
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -162,11 +163,13 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     assert ref["max_abs_dS"] == 0 and ref["d_auroc"] == 0 and ref["d_map50"] == 0   # the reference against itself
     for row in others:
         assert 0 <= row["mean_abs_dS"] <= row["max_abs_dS"] < 1 and set(row["marks"].values()) == {"-"}
-    header, *body = table_rows(out)
-    assert header[:2] == ["configuration", "max abs ΔS"] and len(body) == len(data["rows"])
-    sens = data["sensitivity"]
-    assert sens["nudge"] == bench.BenchConfig.guard_nudge and 0 <= sens["mean_abs_dS"] <= sens["max_abs_dS"] < 1
-    assert "The reference's own sensitivity" in out
+    header, *body = table_rows(out)   # the guard's table, then the reference's sensitivity table
+    assert header[:2] == ["configuration", "max abs ΔS"] and body[len(data["rows"])] == header[:8]
+    nudge = bench.BenchConfig.guard_nudge
+    assert [r["label"] for r in data["sensitivity"]] == [bench.nudge_label(nudge), bench.nudge_label(-nudge)]
+    for row in data["sensitivity"]:   # the reference on its own images made half a level brighter / darker
+        assert 0 <= row["mean_abs_dS"] <= row["max_abs_dS"] < 1 and np.isfinite(row["d_map50"])
+    assert "The reference's own sensitivity" in out and len(table_rows(out)) == 1 + len(data["rows"]) + 1 + 2
     assert data["plot"] == str(tmp_path / "guard.png") and (tmp_path / "guard.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -520,6 +520,20 @@ def test_fast_decode_keeps_the_full_decode_shapes(det_pipe, tmp_path, monkeypatc
     assert fast.work.shape == full.work.shape == (64, 44) and fast.cls_region == full.cls_region
 
 
+def test_analyze_decoded_repeats_analyze_from_the_decoded_image(det_pipe, tmp_path, monkeypatch):
+    # the reduced decode of a 290 x 201 JPEG 2000 (bench.py guard feeds its nudged images this way)
+    rng = np.random.default_rng(0)
+    dcm = write_dicom(tmp_path / "odd.dcm", rng.integers(0, 4096, (290, 201)).astype(np.uint16), compress=True)
+    monkeypatch.setattr(det_pipe, "reduce_to", det_pipe.cls_size)
+    want = det_pipe.analyze(dcm, cascade=False)
+    got = det_pipe.analyze_decoded(want.image, (290, 201), str(dcm), cascade=False)
+    assert got.result["decision"] == want.result["decision"] and len(got.result["boxes"]) > 0
+    for key in ("file", "image_size", "score", "member_probs", "boxes"):
+        assert got.result[key] == want.result[key]
+    assert got.scale == want.scale and np.array_equal(got.work, want.work) and torch.equal(got.x_cls, want.x_cls)
+    assert got.result["timings_ms"]["decode"] == 0 < got.result["timings_ms"]["total"]
+
+
 def test_boxes_map_back_to_original_pixels(det_pipe, tmp_path, monkeypatch):
     # a wide PNG (letterbox pads top and bottom) and a tall 12-bit JPEG 2000 DICOM decoded at 1/4 size
     rng = np.random.default_rng(0)
