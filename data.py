@@ -811,6 +811,7 @@ def split_fold(records: list[Record], fold: int, n_folds: int = DataConfig.n_fol
 # 5. On-disk image cache and the torch Datasets
 
 CACHE_VERSION = 3  # bump when prepare_image changes so stale entries are never read
+FAST_DECODE_STREAM = 1  # ClassificationDataset: the decode choice's own random stream
 
 
 class ImageCache:
@@ -914,13 +915,22 @@ def classifier_input(img: np.ndarray, size: int, rng: np.random.Generator | None
 class ClassificationDataset(Dataset):
     """(x (1, S, S) float32 [0, 1] after CLAHE, y float32 scalar) per record, for the DERNet
     members (Phase I). The models replicate to 3 channels and ImageNet-normalise themselves.
-    Augmentation randomness: np.random.default_rng((seed, epoch, index)), so a run is reproducible
-    and resumable whatever the DataLoader workers."""
+
+    fast_decode_p: the probability that a sample is read through the reduced JPEG 2000 decode that
+    inference uses (ImageCache(fast_decode=True); files without one read the same either way). The two
+    decodes differ by a noise realisation (the wavelet's low band is not an area average) that CLAHE
+    amplifies; a model trained on the full decode alone may move its score by a few hundredths on some
+    images between them (issue 11). Randomness: np.random.default_rng((seed, epoch, index)) for the
+    augmentation and a stream of its own for the decode, so a run is reproducible and resumable whatever
+    the DataLoader workers, and the augmentation draws are the same with or without the decode choice."""
 
     def __init__(self, records: list[Record], image_size: int, cache: ImageCache | None = None,
-                 augment: bool = False, seed: int = DataConfig.seed, hyp: DataConfig = DataConfig()):
+                 augment: bool = False, seed: int = DataConfig.seed, hyp: DataConfig = DataConfig(),
+                 fast_decode_p: float = 0.0):
         self.records, self.image_size, self.augment, self.seed, self.hyp = records, image_size, augment, seed, hyp
         self.cache = cache if cache is not None else ImageCache(None, hyp=hyp)
+        self.fast_decode_p = fast_decode_p
+        self.fast_cache = ImageCache(self.cache.root, clahe=self.cache.clahe, fast_decode=True, hyp=self.cache.hyp)
         self.labels = np.array([r.label for r in records], np.float32)  # (N,) for pos_weight / sampling
         self.epoch = 0
 
@@ -931,7 +941,9 @@ class ClassificationDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img, _ = self.cache.get(self.records[i].path, self.image_size)
+        fast = self.fast_decode_p > 0 and \
+            np.random.default_rng((self.seed, self.epoch, i, FAST_DECODE_STREAM)).random() < self.fast_decode_p
+        img, _ = (self.fast_cache if fast else self.cache).get(self.records[i].path, self.image_size)
         rng = np.random.default_rng((self.seed, self.epoch, i)) if self.augment else None
         x = classifier_input(img, self.image_size, rng, self.hyp)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(self.labels[i])

@@ -1045,6 +1045,8 @@ class TrainConfig:
     cls_imgsz: int = 384  # member input size (issue 3 default)
     member_imgsz: dict = field(default_factory=dict)  # per-member overrides {name: size} (issue 3)
     cls_augment: bool = True  # issue 3: radiograph-safe augmentation (data.DataConfig); off in the short demo
+    cls_fast_decode_p: float = 0.5  # ours (issue 11): P(a training image is read through inference's reduced
+    #                                 JPEG 2000 decode); validation and test always read the full decode
     lr: float = 1e-4  # Algorithm 1: η = 1e-4, AdamW (both phases)
     cls_weight_decay: float = 1e-2  # AdamW's own default (paper: "AdamW", no value)
     grad_clip: float = 10.0  # max gradient norm (reference detector family's value, used for both phases)
@@ -1308,7 +1310,8 @@ def train_member(name: str, cfg: TrainConfig, splits: Splits, cache: ImageCache,
     weighted by the class balance; the best epoch by validation AUROC is kept (member_<name>.pt), and
     the full training state is saved atomically after every epoch (<name>_last.pt) for --resume."""
     size, epochs = member_sizes(cfg)[name], cfg.cls_epochs
-    train_ds = ClassificationDataset(splits.train, size, cache, augment=cfg.cls_augment, seed=cfg.seed)
+    train_ds = ClassificationDataset(splits.train, size, cache, augment=cfg.cls_augment, seed=cfg.seed,
+                                     fast_decode_p=cfg.cls_fast_decode_p)
     val_ds = ClassificationDataset(splits.val, size, cache)
     seed_everything(cfg.seed, MEMBERS.index(name))
     try:
@@ -1922,6 +1925,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"per-member input size, e.g. resnet50=448 (members: {', '.join(MEMBERS)})")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="radiograph-safe augmentation (default: on; off in the 6-epoch demo)")
+    g.add_argument("--fast-decode-p", type=float, default=d.cls_fast_decode_p,
+                   help="probability that a training image is read through the reduced JPEG 2000 decode "
+                        "infer.py --fast-decode uses (0: never)")
     g = p.add_argument_group("Phase II (det, seg)")
     g.add_argument("--scale", choices=("n", "s", "m", "l", "x"), help="YOLO11 scale (paper: l)")
     g.add_argument("--tau-mosaic", type=int, help="mosaic while epoch < τ_mosaic (Algorithm 1; paper: 25)")
@@ -1953,7 +1959,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = run / "config.json"
         if not saved.is_file():
             raise CheckpointError(f"{run}: not a run folder (no config.json) to resume")
-        cfg = TrainConfig(**{"clahe_side": None, **json.loads(saved.read_text())})  # older runs: CLAHE at input size
+        older = {"clahe_side": None, "cls_fast_decode_p": 0.0}  # older runs: CLAHE at input size, full decode only
+        cfg = TrainConfig(**{**older, **json.loads(saved.read_text())})
         return replace(cfg, resume=str(run), device=args.device, workers=args.workers, progress=not args.no_progress)
     cfg = TrainConfig(stage=args.stage)
     if args.data is None:
@@ -1970,7 +1977,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         flags["member_imgsz"] = parse_member_sizes(args.member_imgsz)
     cfg = replace(cfg, **flags, data=args.data, fold=args.fold, folds_all=args.folds == "all",
                   cache_dir=args.cache_dir, workers=args.workers, seed=args.seed,
-                  fit_omega=args.fit_omega, cls_loss=args.cls_loss, repeat_threshold=args.repeat_threshold,
+                  fit_omega=args.fit_omega, cls_fast_decode_p=args.fast_decode_p,
+                  cls_loss=args.cls_loss, repeat_threshold=args.repeat_threshold,
                   out=args.out, device=args.device, precision=args.precision, sync_bn=args.sync_bn,
                   bootstrap=args.bootstrap, progress=not args.no_progress)
     check_config(cfg)
@@ -1996,6 +2004,8 @@ def check_config(cfg: TrainConfig):
         raise DataError(f"--imgsz must be a multiple of 32 for YOLO11, got {cfg.det_imgsz}")
     if cfg.clahe_side is not None and cfg.clahe_side < 16:
         raise DataError(f"--clahe-side must be at least 16 px, got {cfg.clahe_side}")
+    if not 0 <= cfg.cls_fast_decode_p <= 1:
+        raise DataError(f"--fast-decode-p is a probability in [0, 1], got {cfg.cls_fast_decode_p:g}")
     if cfg.train_images < 0:
         raise DataError(f"--train-images must be positive (0 = all), got {cfg.train_images}")
     for key in ("cls_epochs", "det_epochs", "cls_batch", "det_batch", "cls_imgsz", "det_imgsz", "nominal_batch"):

@@ -618,6 +618,31 @@ def test_classification_dataset_contract(synth):
     assert torch.equal(plain[0][0], plain[0][0])
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_classification_dataset_reads_the_fast_decode_with_probability_p(synth, augment):
+    # a 160-px working side: every synthetic JPEG 2000 file (640-800 px) has a reduced level for it
+    hyp = dataclasses.replace(D.DataConfig(), clahe_side=160)
+    records = [r for r in D.load_split(synth, "train")
+               if pydicom.dcmread(r.path, stop_before_pixels=True).file_meta.TransferSyntaxUID in D.J2K_SYNTAXES][:4]
+    cache, fast_cache = D.ImageCache(None, hyp=hyp), D.ImageCache(None, fast_decode=True, hyp=hyp)
+    full, fast, half = (D.ClassificationDataset(records, 96, cache, augment=augment, seed=42, hyp=hyp, fast_decode_p=p)
+                        for p in (0.0, 1.0, 0.5))
+    assert len(records) == 4
+    for i, r in enumerate(records):   # p = 1: the reduced decode, with the same augmentation draws
+        rng = np.random.default_rng((42, 0, i)) if augment else None
+        want = D.classifier_input(fast_cache.get(r.path, 96)[0], 96, rng, hyp)
+        assert torch.equal(fast[i][0], torch.from_numpy(want)) and not torch.equal(fast[i][0], full[i][0])
+    chosen = []
+    for epoch in range(4):   # p = 0.5: each sample is one of the two, reproducibly; both occur
+        for ds in (full, fast, half):
+            ds.set_epoch(epoch)
+        for i in range(len(records)):
+            x = half[i][0]
+            assert torch.equal(x, half[i][0]) and (torch.equal(x, fast[i][0]) or torch.equal(x, full[i][0]))
+            chosen.append(torch.equal(x, fast[i][0]))
+    assert 0 < sum(chosen) < len(chosen)
+
+
 @pytest.mark.parametrize("masks", [False, True])
 def test_detection_dataset_contract(synth, masks):
     records = [r for r in D.load_split(synth, "train") if r.label][:3] + [r for r in D.load_split(synth, "train")

@@ -520,9 +520,15 @@ def test_demo_settings_and_flags(tmp_path):
         _config("--stage", "cls", "--clahe-side", "8")
     old = tmp_path / "old_run"   # a run folder from before clahe_side: resumed with CLAHE at the input size
     old.mkdir()
-    saved = {k: v for k, v in dataclasses.asdict(demo).items() if k != "clahe_side"}
+    saved = {k: v for k, v in dataclasses.asdict(demo).items() if k not in ("clahe_side", "cls_fast_decode_p")}
     (old / "config.json").write_text(json.dumps(saved))
-    assert _config("--stage", "cls", "--resume", str(old)).clahe_side is None
+    resumed = _config("--stage", "cls", "--resume", str(old))
+    assert resumed.clahe_side is None and resumed.cls_fast_decode_p == 0   # and the full decode only
+    # issue 11: members also see inference's reduced decode, half of the time unless told otherwise
+    assert demo.cls_fast_decode_p == paper.cls_fast_decode_p == 0.5
+    assert _config("--stage", "cls", "--fast-decode-p", "0").cls_fast_decode_p == 0
+    with pytest.raises(train.DataError, match="--fast-decode-p"):
+        _config("--stage", "cls", "--fast-decode-p", "1.5")
 
 
 @pytest.mark.parametrize("precision,native,expected", [("auto", True, torch.bfloat16), ("auto", False, None),
