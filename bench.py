@@ -850,14 +850,14 @@ def nudge_label(nudge: float) -> str:
 
 
 def plot_guard(runs: list[dict], cfg: BenchConfig, path: Path) -> Path:
-    """One panel per fast configuration: S - S_ref against S_ref per image, the +-target band, and in grey
-    the reference's own change when its images get half a display level brighter."""
+    """One panel per fast configuration: S - S_ref against S_ref per image, the +-target band, and in greys
+    the reference's own change when its images get half a display level brighter or darker."""
     ref, others = runs[0], runs[1:]
     fig = Figure(figsize=(3.2 * len(others), 3.4))
     for k, run in enumerate(others):
         ax = fig.add_subplot(1, len(others), k + 1, sharey=fig.axes[0] if k else None)
-        for nudge, run_n in ref["nudged"].items():
-            ax.scatter(ref["scores"], run_n["scores"] - ref["scores"], s=8, color="lightgray",
+        for (nudge, run_n), grey in zip(ref["nudged"].items(), ("lightgray", "darkgray")):
+            ax.scatter(ref["scores"], run_n["scores"] - ref["scores"], s=8, color=grey,
                        label=f"reference, {255 * nudge:+g}/255")
         ax.scatter(ref["scores"], run["scores"] - ref["scores"], s=8, color="tab:blue", label="this configuration")
         for y in (-cfg.guard_max_dS, cfg.guard_max_dS):
