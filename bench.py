@@ -105,7 +105,7 @@ class BenchConfig:
     guard_data: str = "data/synthetic"  # train.py's synthetic default (REFERENCE §1 layout)
     guard_split: str = "test"  # issue 11: "on the synthetic test split"
     guard_quick_images: int = 4  # --quick without --data: a tiny synthetic test split
-    guard_nudge: float = 0.5 / 255  # ours: the reference's own sensitivity, image brighter by half a display level
+    guard_nudge: float = 0.5 / 255  # ours: the reference's own sensitivity, images half a display level brighter / darker
     guard_precision: str = "auto"  # the reduced-precision rows: what infer.py runs here, or bf16 forced (numerics)
     # app
     app_clients: int = 8  # issue 9: 8 concurrent clients ...
