@@ -277,32 +277,71 @@ def test_reduced_j2k_decode_matches_downsampled_full_decode(tmp_path, photometri
     assert meta_fast == meta and reduce_to <= max(fast.shape) < 2 * reduce_to  # largest level >= reduce_to
     # compared where the pipeline uses them, at the model size: the wavelet low band and an area
     # average are different (both valid) downsamplers, which differ most on pixel-level texture
-    ref = D.fit_long_side(full, reduce_to)  # cv2.INTER_AREA
-    assert np.abs(ref - D.fit_long_side(fast, reduce_to)).mean() < 0.01  # < 1 % of the [0, 1] range
+    hw = D.fit_hw(full.shape, reduce_to)
+    ref = D.resize_image(full, hw)  # cv2.INTER_AREA
+    assert np.abs(ref - D.shrink_decoded(fast, hw, full.shape)).mean() < 0.01  # < 1 % of the [0, 1] range
     raw = D.write_dicom(tmp_path / "raw.dcm", stored, photometric=photometric, window=window)
     np.testing.assert_array_equal(D.load_image(raw, reduce_to=reduce_to)[0], full)  # not J2K: full decode
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
-def test_recentring_moves_the_low_band_by_its_phase(level):
-    # on a ramp img[y, x] = x + 10 y, sampling at x + s adds s (and 10 s): s = (2^r - 1) / 2^(r+1) reduced px
-    h, w = 12, 16
-    ramp = (np.arange(w)[None, :] + 10 * np.arange(h)[:, None]).astype(np.float32)
-    s = (2 ** level - 1) / 2 ** (level + 1)
-    out = D._recentre_reduced(ramp, level)
-    np.testing.assert_allclose(out[:-1, :-1] - ramp[:-1, :-1], 11 * s, atol=1e-3)  # inside (border replicated)
+def test_low_band_variance_is_the_second_moment_of_the_5_3_cascade(level):
+    lowpass = np.array([-1, 2, 6, 2, -1]) / 8                      # JPEG 2000 5/3 analysis low-pass
+    h = np.array([1.0])
+    for j in range(level):                                         # level j: the filter stretched by 2^j
+        stretched = np.zeros(4 * 2 ** j + 1)
+        stretched[:: 2 ** j] = lowpass
+        h = np.convolve(h, stretched)
+    k = np.arange(len(h)) - (len(h) - 1) / 2
+    assert h.sum() == pytest.approx(1) and (k ** 2 * h).sum() == pytest.approx(D.low_band_variance(level))
+
+
+@pytest.mark.parametrize("var", [0.0, 0.1, 0.5, 0.7, 2.0])
+def test_smoothing_kernel_has_unit_sum_and_the_asked_variance(var):
+    kernel = D.smoothing_kernel(var).astype(np.float64)
+    k = np.arange(len(kernel)) - (len(kernel) - 1) / 2
+    assert kernel.sum() == pytest.approx(1, abs=1e-6) and (kernel >= 0).all()
+    assert (k ** 2 * kernel).sum() == pytest.approx(var, abs=0.01)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("level", [1, 2])
+def test_resample_reduced_puts_each_working_pixel_at_its_centre(level, axis):
+    # on a ramp (value = original x, or y, in px) the low band's pixel n holds 2^r n (a symmetric
+    # low-pass keeps a ramp) and the area average each working pixel's centre: they must agree. Not
+    # moving the low band would be 0.5 px off at r = 1 and 1.5 px at r = 2; Lanczos reproduces a
+    # ramp to ~0.1 px
+    H, W, h, w = 96, 128, 40, 53
+    full = np.mgrid[0:H, 0:W][axis].astype(np.float32) / 256           # in [0, 1] for the final clip
+    k = 2 ** level
+    error = 256 * (D.resample_reduced(full[::k, ::k], (H, W), (h, w)) - D.resize_image(full, (h, w)))
+    inside = error[3:-3, 3:-3]                                          # original px
+    assert abs(inside.mean()) < 0.02 and np.abs(inside).max() < 0.25
+    with pytest.raises(ValueError, match="no reduced"):
+        D.resample_reduced(full[:-5], (H, W), (h, w))
 
 
 @pytest.mark.parametrize("reduce_to", [200, 300])
-def test_recentred_reduced_decode_is_closer_to_the_area_average(tmp_path, monkeypatch, reduce_to):
+def test_resampled_reduced_decode_is_closer_to_the_area_average(tmp_path, reduce_to):
     rng = np.random.default_rng(5)
     stored, window, _, _ = D.synth_radiograph(rng, (1000, 760), "lateral", "lumbar", (2, 2))
     path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
     full, fast = D.load_image(path)[0], D.load_image(path, reduce_to=reduce_to)[0]
-    ref = D.resize_image(full, fast.shape)  # the full path's area average on the reduced grid
-    monkeypatch.setattr(D, "_recentre_reduced", lambda img, level: img)
-    low_band = D.load_image(path, reduce_to=reduce_to)[0]  # as Pillow decodes it
-    assert np.abs(ref - fast).mean() < 0.5 * np.abs(ref - low_band).mean()  # measured: 0.35-0.39 x
+    hw = D.fit_hw(full.shape, reduce_to)
+    ref = D.resize_image(full, hw)                                 # the full path's area average
+    resampled = D.shrink_decoded(fast, hw, full.shape)
+    assert np.abs(ref - resampled).mean() < 0.7 * np.abs(ref - D.resize_image(fast, hw)).mean()
+
+
+def test_lossy_jpeg2000_is_decoded_in_full(tmp_path, monkeypatch):
+    # the resampling assumes the 5/3 (lossless) low band: a 9/7 codestream takes the full decode
+    rng = np.random.default_rng(5)
+    stored, window, _, _ = D.synth_radiograph(rng, (600, 500), "lateral", "lumbar", (2, 2))
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
+    header = D._j2k_header
+    assert D.load_image(path, reduce_to=200)[0].shape == (300, 250)
+    monkeypatch.setattr(D, "_j2k_header", lambda cs: {**header(cs), "reversible": False})
+    assert D.load_image(path, reduce_to=200)[0].shape == (600, 500)
 
 
 @pytest.mark.parametrize("hw,long_side", [((794, 619), 128), ((771, 563), 128), ((588, 771), 96)])
