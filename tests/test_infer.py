@@ -799,6 +799,24 @@ def test_precast_weights_give_autocast_results_bit_for_bit(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name, kept", [("densenet121", 62), ("efficientnet_v2_s", 0), ("resnet50", 0)])
+def test_fused_member_norms_give_the_unfused_outputs(name, kept):
+    """Every BatchNorm right after a convolution is folded into it; DenseNet's pre-activation norms
+    (58 norm1, 3 transitions, norm5) stay. Random statistics, so a wrong pair would show."""
+    torch.manual_seed(0)
+    member = Member(name).eval()
+    for m in member.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    dernet = DERNet({name: member}, omega=[1.0], image_sizes={name: 64})
+    fused = infer.fuse_member_norms(copy.deepcopy(dernet))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == kept
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.member_probs(x), dernet.member_probs(x), rtol=0, atol=1e-5)
+
+
 def test_bf16_backend_converts_a_copy_and_keeps_the_member_stems_fp32(tiny_models, detectors):
     pipe = make_pipe(tiny_models, detectors["det"], precision="bf16")
     stems = {m.conv for m in pipe.backend.dernet.modules() if isinstance(m, infer.FP32Conv)}
@@ -806,6 +824,8 @@ def test_bf16_backend_converts_a_copy_and_keeps_the_member_stems_fp32(tiny_model
     assert len(stems) == len(MEMBERS) and all(c.weight.dtype == torch.float32 for c in stems)
     assert all(c.weight.dtype == torch.bfloat16 for c in convs if c not in stems)
     assert all(m.weight.dtype == torch.float32 for m in pipe.dernet.modules() if isinstance(m, nn.Conv2d))  # Grad-CAM
+    norms = [sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) for d in (pipe.backend.dernet, pipe.dernet)]
+    assert norms == [62, 284]                               # folded in the bf16 copy only (fuse_member_norms)
     assert pipe.backend.detector.backbone.stem.conv.weight.dtype == torch.bfloat16
     head_outputs = [m.conv for m in pipe.backend.detector.modules() if isinstance(m, infer.FP32Conv)]
     assert len(head_outputs) == 6 and all(c.weight.dtype == torch.float32 for c in head_outputs)
