@@ -414,8 +414,23 @@ def bench_machine(cfg: BenchConfig, ws: Workspace) -> Section:
 # --------------------------------------------------------------------------- decode
 
 
+@contextlib.contextmanager
+def openjpeg_threads(threads: int | None):
+    """OPJ_NUM_THREADS = threads inside the block (None: unset, OpenJPEG's one thread), restored after."""
+    before = os.environ.pop("OPJ_NUM_THREADS", None)
+    if threads is not None:
+        os.environ["OPJ_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        os.environ.pop("OPJ_NUM_THREADS", None)
+        if before is not None:
+            os.environ["OPJ_NUM_THREADS"] = before
+
+
 def bench_decode(cfg: BenchConfig, ws: Workspace) -> Section:
-    """1. full decode, 2. reduced JPEG 2000 decode at each model size, 3. ImageCache miss and hit."""
+    """1. full decode, 2. reduced JPEG 2000 decode at each model size, on one OpenJPEG thread and on
+    torch's threads (what infer.Pipeline sets, data.use_jpeg2000_threads), 3. ImageCache miss and hit."""
     path, rows, data = ws.dicom(), [], {"file_mib": ws.dicom().stat().st_size / 2 ** 20, "rows": []}
     h, w = cfg.dicom_hw
 
@@ -427,10 +442,13 @@ def bench_decode(cfg: BenchConfig, ws: Workspace) -> Section:
     add("full decode (load_image)", time_calls(lambda: load_image(path), cfg.runs, cfg.warmup),
         load_image(path)[0].shape, cfg.decode_ref_s["full"])
     for size in cfg.reduce_to:
-        log(f"decode: reduced to >= {size}")
-        t = time_calls(lambda: load_image(path, reduce_to=size), cfg.runs, cfg.warmup)
-        shape = load_image(path, reduce_to=size)[0].shape
-        add(f"reduced decode (reduce_to={size})", t, shape, cfg.decode_ref_s["reduced"])
+        for threads in sorted({1, torch.get_num_threads()}):
+            log(f"decode: reduced to >= {size}, {threads} OpenJPEG threads")
+            with openjpeg_threads(threads if threads > 1 else None):
+                t = time_calls(lambda: load_image(path, reduce_to=size), cfg.runs, cfg.warmup)
+            shape = load_image(path, reduce_to=size)[0].shape
+            add(f"reduced decode (reduce_to={size}, {threads} thread{'s' * (threads > 1)})", t, shape,
+                cfg.decode_ref_s["reduced"])
     size = cfg.reduce_to[0]
     for fast in (False, True):
         cache = ImageCache(ws.dir / f"cache-{int(fast)}", fast_decode=fast)

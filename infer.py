@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 from data import (CLASS_COLOURS, CLASSES, IMAGE_SUFFIXES, LT_CODES, DataConfig, DataError, atomic_write,
                   boxes_from_letterbox, clahe_image, classifier_input, detector_canvas, letterbox_geometry,
-                  load_image, shrink_u8, sniff_format, working_side)
+                  load_image, shrink_u8, sniff_format, use_jpeg2000_threads, working_side)
 from dernet import ARCHS, DERNet, load_dernet, resize_to, soft_vote
 from train import CheckpointError, channels_last, image_region, load_checkpoint, native_bf16
 from yolo11 import YOLO11, YOLO11Seg, YOLOConfig, non_max_suppression, process_masks
@@ -736,8 +736,10 @@ class Pipeline:
         else:
             self.backend = OnnxBackend(*onnx_files(cfg, self), self.device)
             self.backend.check(self)
-        # 4. decode no smaller than the largest working image (issue 11), then one warm-up pass
+        # 4. decode no smaller than the largest working image, on torch's threads (issue 11), then one warm-up pass
         self.reduce_to = max(side for side, _, _ in keys) if cfg.fast_decode else None
+        if cfg.fast_decode:
+            use_jpeg2000_threads(torch.get_num_threads())
         self._warm_up()
 
     @property

@@ -96,7 +96,7 @@ def test_decode(capsys, tmp_path):
     full = rows["full decode (load_image)"]["shape"]
     assert full == list(bench.QUICK["dicom_hw"])
     size = bench.QUICK["reduce_to"][0]
-    reduced = rows[f"reduced decode (reduce_to={size})"]["shape"]
+    reduced = rows[f"reduced decode (reduce_to={size}, 1 thread)"]["shape"]  # run_bench: --threads 1, one row
     assert size <= max(reduced) < max(full)  # a lower JPEG 2000 resolution level, never below the model size
     assert rows[f"ImageCache hit (fast decode, {size} px)"]["shape"] == rows[
         f"ImageCache miss (fast decode, {size} px, CLAHE, write)"]["shape"]

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import os
 import runpy
 import struct
 import sys
@@ -331,6 +332,19 @@ def test_resampled_reduced_decode_is_closer_to_the_area_average(tmp_path, reduce
     ref = D.resize_image(full, hw)                                 # the full path's area average
     resampled = D.shrink_decoded(fast, hw, full.shape)
     assert np.abs(ref - resampled).mean() < 0.7 * np.abs(ref - D.resize_image(fast, hw)).mean()
+
+
+def test_threaded_reduced_decode_equals_the_one_thread_decode(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    stored, window, _, _ = D.synth_radiograph(rng, (1000, 760), "lateral", "lumbar", (2, 2))
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    one = D.load_image(path, reduce_to=200)[0]
+    D.use_jpeg2000_threads(2)
+    assert os.environ["OPJ_NUM_THREADS"] == "2"
+    np.testing.assert_array_equal(D.load_image(path, reduce_to=200)[0], one)
+    D.use_jpeg2000_threads(8)
+    assert os.environ["OPJ_NUM_THREADS"] == "2"                    # a value already set is kept
 
 
 def test_lossy_jpeg2000_is_decoded_in_full(tmp_path, monkeypatch):

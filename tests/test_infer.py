@@ -13,6 +13,7 @@ import base64
 import copy
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -505,6 +506,14 @@ def test_clahe_once_per_working_side_and_old_checkpoints_keep_theirs(tiny_models
     x = ClassificationDataset([record], pipe.cls_size, cache)[0][0]
     with torch.inference_mode():
         assert score == pytest.approx(float(pipe.dernet(x[None])[0]), abs=1e-5)
+
+
+def test_fast_decode_pipeline_decodes_jpeg2000_on_torch_threads(tiny_models, detectors, monkeypatch):
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    make_pipe(tiny_models, detectors["det"], fast_decode=False)
+    assert "OPJ_NUM_THREADS" not in os.environ                     # the full decode does not use it
+    make_pipe(tiny_models, detectors["det"], fast_decode=True)
+    assert os.environ["OPJ_NUM_THREADS"] == str(torch.get_num_threads())
 
 
 def test_fast_decode_keeps_the_full_decode_shapes(det_pipe, tmp_path, monkeypatch):
