@@ -240,10 +240,10 @@ def _j2k_header(codestream: bytes) -> dict | None:
 def use_jpeg2000_threads(threads: int) -> None:
     """Let OpenJPEG, Pillow's JPEG 2000 decoder (the reduced decode below), decode code-blocks on
     `threads` threads, unless OPJ_NUM_THREADS is already set. OpenJPEG reads that variable whenever it
-    creates a decoder; unset means one thread. The reduced decode of a 2,500 x 3,000 DICOM took 101-108
-    -> 61-65 ms with 2 threads on a 2-core EPYC; the full decode (pylibjpeg-openjpeg) ignores it. Called
-    once per process by infer.Pipeline, before any server thread decodes; training leaves it unset (its
-    DataLoader workers already use the cores)."""
+    creates a decoder; unset means one thread. The reduced decode of a 2,500 x 3,000 DICOM took 88 ->
+    49 ms with 2 threads on a 2-core EPYC (bench.py decode); the full decode (pylibjpeg-openjpeg)
+    ignores it. Called once per process by infer.Pipeline, before any server thread decodes; training
+    leaves it unset (its DataLoader workers already use the cores)."""
     os.environ.setdefault("OPJ_NUM_THREADS", str(threads))
 
 
