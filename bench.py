@@ -837,7 +837,7 @@ def run_split(label: str, fields: dict, records, cfg: BenchConfig, ws: Workspace
             run["scores"].append(a.result["score"])
             run["detections"][r.image_id] = detections_of(a)
     for run in runs.values():
-        run.update(scores=np.array(run["scores"]), precision=pipe.precision)
+        run.update(scores=np.array(run["scores"]), precision=pipe.precision, tau=pipe.tau)
     out = runs.pop(None)
     out["nudged"] = runs
     return out
@@ -851,11 +851,13 @@ def scored(run: dict, label: str, y: np.ndarray, truth: dict) -> dict:
 
 def guard_row(run: dict, ref: dict, records, cfg: BenchConfig, applies: bool) -> dict:
     """One configuration against the reference: |delta S| per image (max, mean, count over the target),
-    AUROC and mAP@0.5 with their differences, and the pass/MISS marks."""
+    AUROC and mAP@0.5 with their differences, the image that moved most (and its reference S: near tau
+    it is a borderline image), and the pass/MISS marks."""
     d = np.abs(run["scores"] - ref["scores"])                                     # (N,)
+    worst = int(d.argmax())
     row = {"label": run["label"], "precision": run["precision"], "max_abs_dS": float(d.max()),
            "mean_abs_dS": float(d.mean()), "images_over_dS": int((d > cfg.guard_max_dS).sum()),
-           "worst_image": records[int(d.argmax())].image_id, "auroc": run["auroc"],
+           "worst_image": records[worst].image_id, "worst_ref_S": float(ref["scores"][worst]), "auroc": run["auroc"],
            "d_auroc": run["auroc"] - ref["auroc"], "map50": run["map50"], "d_map50": run["map50"] - ref["map50"]}
     row["marks"] = {"dS": mark(row["max_abs_dS"], cfg.guard_max_dS, applies),
                     "auroc": mark(abs(row["d_auroc"]), cfg.guard_max_dauroc, applies),
@@ -909,12 +911,13 @@ def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
             "sensitivity": [guard_row(r, ref, records, cfg, False) for r in ref["nudged"].values()]}
 
     def cells(r: dict, marks: bool) -> list:
+        worst = f"{r['worst_image'][:8]} ({r['worst_ref_S']:.3f})" if r["max_abs_dS"] > 0 else "-"
         return [f"{r['label']} [{r['precision']}]", f"{r['max_abs_dS']:.4f}", f"{r['mean_abs_dS']:.4f}",
                 r["images_over_dS"], f"{r['auroc']:.4f}", f"{r['d_auroc']:+.4f}", f"{r['map50']:.2f}",
-                f"{r['d_map50']:+.2f}", *(r["marks"].values() if marks else ())]
+                f"{r['d_map50']:+.2f}", worst, *(r["marks"].values() if marks else ())]
 
     header = ["configuration", "max abs ΔS", "mean abs ΔS", f"images ΔS > {cfg.guard_max_dS}", "AUROC", "ΔAUROC",
-              "mAP@0.5", "ΔmAP@0.5"]
+              "mAP@0.5", "ΔmAP@0.5", f"most moved (S ref.; τ {ref['tau']:.3f})"]
     worst = max(data["sensitivity"], key=lambda r: abs(r["d_map50"]))
     md = [f"## guard: accuracy of the fast paths on {len(records)} {cfg.guard_split} images ({int(y.sum())} abnormal)",
           "", f"Against {ref['label']}; cascade off, detections at confidence {TrainConfig.eval_conf}. Targets "

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import bench
 import infer
+from data import load_split
 
 
 def run_bench(capsys, tmp_path, *argv) -> tuple[int, str, str, dict | None]:
@@ -163,8 +164,11 @@ def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
     assert ref["max_abs_dS"] == 0 and ref["d_auroc"] == 0 and ref["d_map50"] == 0   # the reference against itself
     for row in others:
         assert 0 <= row["mean_abs_dS"] <= row["max_abs_dS"] < 1 and set(row["marks"].values()) == {"-"}
+        assert row["worst_image"] in {r.image_id for r in load_split(synthetic_root, "test")}
+        assert 0 <= row["worst_ref_S"] <= 1                               # the reference's S of that image
     header, *body = table_rows(out)   # the guard's table, then the reference's sensitivity table
-    assert header[:2] == ["configuration", "max abs ΔS"] and body[len(data["rows"])] == header[:8]
+    assert header[:2] == ["configuration", "max abs ΔS"] and header[8].startswith("most moved (S ref.; τ")
+    assert body[len(data["rows"])] == header[:9]
     nudge = bench.BenchConfig.guard_nudge
     assert [r["label"] for r in data["sensitivity"]] == [bench.nudge_label(nudge), bench.nudge_label(-nudge)]
     for row in data["sensitivity"]:   # the reference on its own images made half a level brighter / darker
