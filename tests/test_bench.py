@@ -144,6 +144,7 @@ def test_infer(capsys, tmp_path):
     for r in data["results"]:
         assert r["detector_always_ran"]  # cascade off
         assert set(bench.STAGES) <= set(r["warm_median"]) and r["warm_median"]["total"] > 0
+        assert 0 < r["warm_median"]["triage"] <= r["warm_median"]["total"]   # decode + preprocess + dernet
         assert len(r["warm_runs"]) == bench.QUICK["runs"] and r["images_per_s"] > 0
     assert data["results"][0]["precision"] == "fp32"
 
