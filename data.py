@@ -113,6 +113,7 @@ class DataConfig:
     synth_train: int = 1440  # images in annotations/train.csv (Phase I demo: 1,152 train / 288 val)
     synth_test: int = 100  # images in annotations/test.csv
     synth_height: tuple = (640, 800)  # px; lesions stay >= 3-4 px after downscaling to ~200 px
+    synth_min_height: int = 256  # px, the floor of `data.py synth --height` (ours: below it lesions shrink to dots)
     synth_abnormal_study: float = 0.55  # P(abnormal study); ~half the images abnormal (REFERENCE §1: 4,129 / 8,389)
     synth_monochrome1: float = 0.25  # share of inverted-polarity files
     synth_j2k: float = 0.5  # share stored as JPEG 2000 Lossless (VinDr: all), the rest uncompressed
@@ -1897,6 +1898,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--test", type=int, default=DataConfig.synth_test, help="images in the test split")
     group.add_argument("--seed", type=int, default=DataConfig.seed)
     group.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU core)")
+    group = synth.add_argument_group("look")
+    group.add_argument("--height", type=int, nargs=2, default=DataConfig.synth_height, metavar=("MIN", "MAX"),
+                       help="image height range in px (width follows the view)")
+    group.add_argument("--j2k", type=float, default=DataConfig.synth_j2k,
+                       help="share of files stored as JPEG 2000 Lossless (VinDr: 1.0); e.g. --j2k 1 --height 768 "
+                            "800 gives every image a reduced level at a 384-px working side (issue 11's guard)")
     montage = sub.add_parser("montage", help="PNG of annotated images and their classifier input")
     montage.add_argument("--data", default="data/synthetic", help="dataset root in the VinDr-SpineXR layout")
     montage.add_argument("--split", default="test", choices=("train", "test"))
@@ -1915,9 +1922,13 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "synth":
         if args.train < 1 or args.test < 1:
             raise DataError("--train and --test must be at least 1")
+        low, high = args.height
+        if not DataConfig.synth_min_height <= low < high or not 0 <= args.j2k <= 1:
+            raise DataError(f"need {DataConfig.synth_min_height} <= --height MIN < MAX and 0 <= --j2k <= 1")
+        hyp = dataclasses.replace(DataConfig(), synth_height=(low, high), synth_j2k=args.j2k)
         t0 = time.perf_counter()
         out = make_synthetic(args.out, args.train, args.test, args.seed, overwrite=args.overwrite,
-                             workers=args.workers)
+                             workers=args.workers, hyp=hyp)
         print(f"wrote {args.train} + {args.test} synthetic images to {out} in {time.perf_counter() - t0:.1f} s")
     elif args.command == "montage":
         if not 0 <= args.normal <= args.images or args.images < 1 or min(args.input_size, args.clahe_side) < 16:

@@ -854,6 +854,15 @@ def test_cli_synth(tmp_path, capsys):
     code, out, _ = _cli(["synth", "--out", str(tmp_path / "s"), "--train", "2", "--test", "2",
                          "--workers", "1"], capsys)
     assert code == 0 and len(D.load_split(tmp_path / "s", "test")) == 2
+    code, out, _ = _cli(["synth", "--out", str(tmp_path / "j"), "--train", "1", "--test", "4", "--workers", "1",
+                         "--j2k", "1", "--height", "300", "320"], capsys)   # every file JPEG 2000, 300-319 px high
+    assert code == 0
+    for record in D.load_split(tmp_path / "j", "test"):
+        ds = pydicom.dcmread(record.path, stop_before_pixels=True)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless and 300 <= ds.Rows < 320
+    for bad in (["--height", "100", "200"], ["--height", "400", "400"], ["--j2k", "1.5"]):
+        code, _, err = _cli(["synth", "--out", str(tmp_path / "x"), *bad], capsys)
+        assert code == 2 and err.startswith("error:") and "Traceback" not in err
 
 
 # --- montage
