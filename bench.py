@@ -58,8 +58,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data import (CLASSES, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox, load_image, load_split,
-                  make_synthetic, prepare_image, to_uint8, write_synthetic_dicom)
+from data import (CLASSES, OPENJPEG_THREADS, DataConfig, DataError, ImageCache, atomic_write, fit_long_side, letterbox,
+                  load_image, load_split, make_synthetic, prepare_image, to_uint8, write_synthetic_dicom)
 from dernet import MEMBERS, DERNet, Member, save_dernet
 import infer
 from losses import DetectionLoss, LossConfig
@@ -416,16 +416,16 @@ def bench_machine(cfg: BenchConfig, ws: Workspace) -> Section:
 
 @contextlib.contextmanager
 def openjpeg_threads(threads: int | None):
-    """OPJ_NUM_THREADS = threads inside the block (None: unset, OpenJPEG's one thread), restored after."""
-    before = os.environ.pop("OPJ_NUM_THREADS", None)
+    """OpenJPEG's thread count = threads inside the block (None: unset, one thread), restored after."""
+    before = os.environ.pop(OPENJPEG_THREADS, None)
     if threads is not None:
-        os.environ["OPJ_NUM_THREADS"] = str(threads)
+        os.environ[OPENJPEG_THREADS] = str(threads)
     try:
         yield
     finally:
-        os.environ.pop("OPJ_NUM_THREADS", None)
+        os.environ.pop(OPENJPEG_THREADS, None)
         if before is not None:
-            os.environ["OPJ_NUM_THREADS"] = before
+            os.environ[OPENJPEG_THREADS] = before
 
 
 def bench_decode(cfg: BenchConfig, ws: Workspace) -> Section:
@@ -922,7 +922,7 @@ def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
 
     header = ["configuration", "max abs ΔS", "mean abs ΔS", f"images ΔS > {cfg.guard_max_dS}", "AUROC", "ΔAUROC",
               "mAP@0.5", "ΔmAP@0.5", f"most moved (S ref.; τ {ref['tau']:.3f})"]
-    worst = max(data["sensitivity"], key=lambda r: abs(r["d_map50"]))
+    most_map = max(data["sensitivity"], key=lambda r: abs(r["d_map50"]))
     md = [f"## guard: accuracy of the fast paths on {len(records)} {cfg.guard_split} images ({int(y.sum())} abnormal)",
           "", f"Against {ref['label']}; cascade off, detections at confidence {TrainConfig.eval_conf}. Targets "
           f"(issue 11): max |ΔS| <= {cfg.guard_max_dS}, |ΔAUROC| <= {cfg.guard_max_dauroc}, "
@@ -932,7 +932,7 @@ def bench_guard(cfg: BenchConfig, ws: Workspace) -> Section:
           f"The reference's own sensitivity: the same models and path on each decoded image made brighter or "
           f"darker by {255 * cfg.guard_nudge:g}/255 (half a display level, invisible to a reader): S moved by up "
           f"to {max(r['max_abs_dS'] for r in data['sensitivity']):.4f} and mAP@0.5 by up to "
-          f"{abs(worst['d_map50']):.2f} points.", "", md_table(header, [cells(r, False) for r in data["sensitivity"]])]
+          f"{abs(most_map['d_map50']):.2f} points.", "", md_table(header, [cells(r, False) for r in data["sensitivity"]])]
     if ws.plots is not None:
         data["plot"] = str(plot_guard(runs, cfg, ws.plots / "guard.png"))
         md += ["", f"Plot: {data['plot']}"]

@@ -238,6 +238,9 @@ def _j2k_header(codestream: bytes) -> dict | None:
     return None
 
 
+OPENJPEG_THREADS = "OPJ_NUM_THREADS"  # the environment variable OpenJPEG reads its decode thread count from
+
+
 def use_jpeg2000_threads(threads: int) -> None:
     """Let OpenJPEG, Pillow's JPEG 2000 decoder (the reduced decode below), decode code-blocks on
     `threads` threads, unless OPJ_NUM_THREADS is already set. OpenJPEG reads that variable whenever it
@@ -245,7 +248,7 @@ def use_jpeg2000_threads(threads: int) -> None:
     49 ms with 2 threads on a 2-core EPYC (bench.py decode); the full decode (pylibjpeg-openjpeg)
     ignores it. Called once per process by infer.Pipeline, before any server thread decodes; training
     leaves it unset (its DataLoader workers already use the cores)."""
-    os.environ.setdefault("OPJ_NUM_THREADS", str(threads))
+    os.environ.setdefault(OPENJPEG_THREADS, str(threads))
 
 
 def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
