@@ -109,7 +109,14 @@ def count_params(module: nn.Module) -> int:
 
 
 class Conv(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d -> SiLU, 'same' padding. After fuse(): Conv2d (bias) -> SiLU."""
+    """Conv2d (no bias) -> BatchNorm2d -> SiLU, 'same' padding. After fuse(): Conv2d (bias) -> SiLU.
+
+    The SiLU works in place, as torchvision's EfficientNet does: its input (the BatchNorm's or, fused,
+    the convolution's output) feeds nothing else, and autograd saves what silu_'s backward needs
+    (tested: same outputs and gradients; the tensors saved for backward are the same). At inference
+    it writes no new tensor: YOLO11-L at 640, bf16, one image on a 2-core EPYC, 288 -> 267-275 ms
+    (SiLU was 11 % of the forward's time under torch.profiler).
+    """
 
     bn_eps = 1e-3  # published family (ultralytics initialize_weights), PyTorch default is 1e-5
     bn_momentum = 0.03  # published family, PyTorch default is 0.1
@@ -118,7 +125,7 @@ class Conv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, padding=k // 2, groups=g, bias=False)
         self.bn = nn.BatchNorm2d(c2, eps=self.bn_eps, momentum=self.bn_momentum)
-        self.act = nn.SiLU() if act else nn.Identity()
+        self.act = nn.SiLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))

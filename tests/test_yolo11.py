@@ -5,6 +5,7 @@ by hand, Conv+BN fusion, NMS against torchvision, mask assembly, seg-from-det in
     python -m pytest tests/test_yolo11.py -q
 """
 
+import copy
 import math
 
 import pytest
@@ -252,6 +253,34 @@ def test_fuse_preserves_outputs(cls):
         (before, pb), (after, pa) = before, after
         assert torch.allclose(pa, pb, rtol=0, atol=1e-9)
     assert torch.allclose(after, before, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_inplace_silu_matches_out_of_place(fused):
+    """Conv's SiLU works in place: the outputs, and in training the input and weight gradients, equal
+    those of the same weights with an out-of-place SiLU (float64, so any difference is a real one)."""
+    model = randomize_bn(build(dtype=torch.float64))
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, torch.nn.SiLU):
+            m.inplace = False
+    assert any(isinstance(m, torch.nn.SiLU) and m.inplace for m in model.modules())
+    if fused:
+        model, reference = model.eval().fuse(), reference.eval().fuse()
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    outs, ref_outs = model(x), reference(x_ref)
+    loss = sum(o.square().mean() for o in outs)
+    ref_loss = sum(o.square().mean() for o in ref_outs)
+    assert torch.equal(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    grads = [(name, p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), reference.parameters())
+             if p.requires_grad]
+    assert all(g is not None for _, g, _ in grads)
+    for name, g, g_ref in grads:
+        assert torch.allclose(g, g_ref, rtol=0, atol=1e-12), name
 
 
 def test_fuse_float32_within_1e5_relative():
