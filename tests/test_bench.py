@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 import bench
 import infer
 from data import load_split
+from dernet import MEMBERS, DERNet, Member
 
 
 def run_bench(capsys, tmp_path, *argv) -> tuple[int, str, str, dict | None]:
@@ -147,6 +149,26 @@ def test_infer(capsys, tmp_path):
         assert 0 < r["warm_median"]["triage"] <= r["warm_median"]["total"]   # decode + preprocess + dernet
         assert len(r["warm_runs"]) == bench.QUICK["runs"] and r["images_per_s"] > 0
     assert data["results"][0]["precision"] == "fp32"
+    floor, fastest = data["floor"], min(data["results"], key=lambda r: r["warm_median"]["total"])
+    assert floor["label"] == data["fastest"] == fastest["label"]
+    assert floor["gflop"]["dernet"] > 0 and floor["gflop"]["detector"] > 0 and floor["matmul_gflop_s"] > 0
+    assert floor["compute_s"] == pytest.approx(sum(floor["gflop"].values()) / floor["matmul_gflop_s"])
+    m = fastest["warm_median"]
+    assert floor["floor_s"] == pytest.approx(m["decode"] + m["preprocess"] + floor["compute_s"])
+    assert "Compute floor" in out
+
+
+def test_dernet_gflops_match_torchvision_published_ops():
+    """Each member at its torchvision evaluation size: twice the multiply-adds torchvision publishes
+    (weights meta "_ops", GMACs) within 1 % (our heads have 1 output instead of 1,000)."""
+    sizes = {"densenet121": 224, "efficientnet_v2_s": 384, "resnet50": 224}
+    published = {"densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
+                 "efficientnet_v2_s": torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1,
+                 "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1}
+    torch.manual_seed(0)
+    dernet = DERNet({name: Member(name) for name in MEMBERS}, image_sizes=sizes).eval()
+    expected = 2 * sum(published[name].meta["_ops"] for name in MEMBERS)
+    assert bench.dernet_gflops(dernet) == pytest.approx(expected, rel=0.01)
 
 
 def test_guard(capsys, tmp_path, tiny_models, synthetic_root):
