@@ -748,9 +748,9 @@ def dernet_gflops(dernet: DERNet) -> float:
 
 def compute_floor(best: dict, ws: Workspace) -> dict:
     """The fastest configuration's total if every FLOP of both models ran at this machine's matmul rate
-    in its precision (bf16 or fp32; the convolutions reach 40-80 % of it): its measured decode and
-    preprocess, plus (DERNet + detector GFLOPs) / matmul GFLOP/s. Above the target, no kernel tuning
-    of these models at these input sizes can meet it here."""
+    in its precision (bf16 or fp32; the bf16 forwards reach 45-80 % of it on a 2-core EPYC): its
+    measured decode and preprocess, plus (DERNet + detector GFLOPs) / matmul GFLOP/s. Above the
+    target, no kernel tuning of these models at these input sizes can meet it here."""
     cls_ckpt, det_ckpt = ws.checkpoints()
     dernet = infer.load_classifier(cls_ckpt, torch.device("cpu"))
     detector, meta = infer.load_detector(det_ckpt)
