@@ -357,7 +357,7 @@ def fresh_dernet(cfg: BenchConfig) -> DERNet:
     return DERNet({name: Member(name) for name in MEMBERS}, tau=0.0,
                   image_sizes={name: cfg.cls_imgsz for name in MEMBERS},
                   preprocess={"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
-                              "clahe_side": cfg.det_imgsz}).eval()
+                              "clahe_side": cfg.det_imgsz, "low_band": DataConfig.low_band}).eval()
 
 
 def onnx_runner(model: nn.Module, x: torch.Tensor, path: Path, cfg: BenchConfig, device: torch.device) -> Callable:

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 import pydicom
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from pydicom import config as dicom_config
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
@@ -84,6 +84,9 @@ class DataConfig:
     clahe_tiles: int = 8  # Eq. 1, 8 x 8 regions Omega_k: the common choice, paper silent (REFERENCE §4)
     clahe_side: int = 640  # Eq. 1 working long side: CLAHE once here, model inputs shrunk from it (ours; the
     #                        detector's input size, REFERENCE §3, so each tile holds ~5,000 px >> 256 bins)
+    low_band: bool = True  # ours (issue 11): a DICOM is first brought to the 5/3 wavelet low band that still
+    #                        covers the working side (wavelet_low_band), which a reduced JPEG 2000 decode returns
+    #                        exactly, so the fast decode gives the very image training saw; False: area average only
     pad_value: float = 114 / 255  # detector letterbox grey of the YOLO family (REFERENCE §3)
     cls_pad_value: float = 0.0  # classifier letterbox: black like collimated air, no artificial bright frame (ours)
     imagenet_mean: tuple = (0.485, 0.456, 0.406)  # torchvision ImageNet weights (Algorithm 1, line 2)
@@ -220,11 +223,12 @@ def _j2k_header(codestream: bytes) -> dict | None:
     """Main-header facts of a raw JPEG 2000 codestream (SIZ + COD markers), None if unusual."""
     if codestream[:4] != b"\xff\x4f\xff\x51":  # SOC then SIZ; a JP2 box wrapper is "unusual"
         return None
-    lsiz, _, xsiz, ysiz, xosiz, yosiz = struct.unpack(">HHIIII", codestream[4:24])
-    csiz = struct.unpack(">H", codestream[40:42])[0]
+    lsiz, _, xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, csiz = struct.unpack(">HHIIIIIIIIH",
+                                                                                         codestream[4:42])
     ssiz = codestream[42]
     head = {"width": xsiz - xosiz, "height": ysiz - yosiz, "offset": (xosiz, yosiz), "components": csiz,
-            "precision": (ssiz & 0x7F) + 1, "signed": bool(ssiz & 0x80), "levels": None, "reversible": None}
+            "precision": (ssiz & 0x7F) + 1, "signed": bool(ssiz & 0x80), "levels": None, "reversible": None,
+            "tiled": xtosiz + xtsiz < xsiz or ytosiz + ytsiz < ysiz}  # tiles are transformed one by one
     pos = 4 + lsiz
     while pos + 4 <= len(codestream):  # walk marker segments until COD or the first tile (SOT)
         marker, length = struct.unpack(">HH", codestream[pos:pos + 4])
@@ -251,6 +255,101 @@ def use_jpeg2000_threads(threads: int) -> None:
     os.environ.setdefault(OPENJPEG_THREADS, str(threads))
 
 
+# --- one downsampling for every decode: the 5/3 wavelet low band (issue 11)
+# A reversible (lossless) JPEG 2000 codestream holds the image's integer 5/3 wavelet coefficients
+# (ISO/IEC 15444-1 Annex F), and a decode at resolution level r returns its low band LL_r as stored
+# (plus the DC level shift, clipped to the sample range). Those coefficients are a function of the
+# pixels alone: the standard fixes the inverse transform, and integer lifting is invertible. So the
+# forward lifting below computes the same LL_r from any full decode, bit for bit (tested against
+# OpenJPEG). With DataConfig.low_band every DICOM is taken to the level that still covers the working
+# side this way, before windowing, and the fast path's reduced decode is then not an approximation of
+# the training image but the training image itself.
+
+def _lift_53_low(x: np.ndarray, axis: int) -> np.ndarray:
+    """One level of the reversible 5/3 analysis along `axis` -> its low band, ceil(n / 2) samples
+    (Annex F.4.8.2; whole-sample symmetric extension at both ends, x[-1] = x[1], x[n] = x[n - 2]):
+        predict  d[k] = x[2k+1] - floor((x[2k] + x[2k+2]) / 2)
+        update   s[k] = x[2k]   + floor((d[k-1] + d[k] + 2) / 4),   d[-1] = d[0]
+    numpy's >> on signed integers is floor division by a power of two."""
+    x = np.moveaxis(x, axis, 0)
+    n = x.shape[0]
+    if n > 1:
+        even, odd = x[0::2], x[1::2]                                              # x[2k], x[2k+1]
+        right = even[1:] if n % 2 else np.concatenate([even[1:], even[-1:]])      # x[2k+2]
+        d = odd - ((even[:len(odd)] + right) >> 1)                                # predict (high band)
+        left = np.concatenate([d[:1], d if n % 2 else d[:-1]])                    # d[k-1]
+        here = np.concatenate([d, d[-1:]]) if n % 2 else d                        # d[k]; odd n: d[K] = d[K-2]
+        x = even + ((left + here + 2) >> 2)                                       # update (low band)
+    return np.moveaxis(x, 0, axis)
+
+
+def wavelet_low_band(stored: np.ndarray, levels: int) -> np.ndarray:
+    """Integer image (H, W) -> its reversible 5/3 low band after `levels` levels, int64 of shape
+    (ceil(H / 2^r), ceil(W / 2^r)), unclipped. Each level filters the columns, then the rows: the
+    inverse of the decoder's order (Annex F.3.2), which integer rounding makes matter."""
+    x = stored.astype(np.int64)
+    for _ in range(levels):
+        x = _lift_53_low(_lift_53_low(x, 0), 1)
+    return x
+
+
+def low_band_level(hw: tuple[int, int], side: int) -> int:
+    """The deepest wavelet level r whose long side ceil(L / 2^r) is still >= side (0: none)."""
+    level, long_side = 0, max(hw)
+    while math.ceil(long_side / 2 ** (level + 1)) >= side:
+        level += 1
+    return level
+
+
+def decoded_level(shape: tuple[int, ...], hw: tuple[int, int]) -> int:
+    """The level r of a decode of shape (ceil(H / 2^r), ceil(W / 2^r)) of an (H, W) image."""
+    level = 0
+    while (math.ceil(hw[0] / 2 ** level), math.ceil(hw[1] / 2 ** level)) != tuple(shape[:2]):
+        level += 1
+        if 2 ** level > max(hw):
+            raise ValueError(f"{shape} is no resolution level of {hw}")
+    return level
+
+
+def _stored_range(ds: DicomDataset, bits: int) -> tuple[int, int]:
+    """The sample range a decoder clips to: [0, 2^bits - 1], or signed [-2^(bits-1), 2^(bits-1) - 1]."""
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def _to_low_band(arr: np.ndarray, ds: DicomDataset, side: int, bits: int) -> np.ndarray:
+    """Stored values at any resolution level -> the low band at low_band_level((H, W), side): the levels
+    still missing are lifted here, then clipped to the sample range as a decoder does. Exact against
+    a reduced decode at that level when `arr` is the full decode; lifting on from a shallower reduced
+    decode (a codestream with fewer levels, or one Pillow refuses) differs only where that decode
+    clipped an overshoot of the low-pass at a saturated edge."""
+    hw = (int(ds.Rows), int(ds.Columns))
+    more = low_band_level(hw, side) - decoded_level(arr.shape, hw)
+    if more <= 0:
+        return arr
+    lo, hi = _stored_range(ds, bits)
+    return np.clip(wavelet_low_band(arr, more), lo, hi).astype(np.int32)
+
+
+def _openjpeg_level(codestream: bytes, level: int) -> tuple[np.ndarray, str]:
+    """A JPEG 2000 codestream decoded at resolution `level` by OpenJPEG through Pillow -> (array, mode).
+
+    The level's size is ceil(size / 2^level) (ISO/IEC 15444-1 B.5). Pillow's Jpeg2KImageFile.load
+    (12.3) sizes the tile round(size / 2^level) instead, and OpenJPEG's output then does not fit it
+    ("broken data stream") whenever size mod 2^level lies in 1 .. 2^(level-1) - 1: one side in four at
+    level 2, so about 4 images in 10. We set the tile up with the standard's size and run the base
+    class's load, which OpenJPEG fills (tested on such sizes, bit for bit against the full decode)."""
+    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
+        w, h = im.size
+        im.reduce = level
+        im._size = (math.ceil(w / 2 ** level), math.ceil(h / 2 ** level))
+        name, _, offset, args = im.tile[0]
+        im.tile = [ImageFile._Tile(name, (0, 0) + im.size, offset, (args[0], level, im.layers, *args[3:]))]
+        ImageFile.ImageFile.load(im)
+        return np.asarray(im), im.mode
+
+
 def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     """First frame of a JPEG 2000 DICOM decoded at a reduced resolution level with Pillow.
 
@@ -258,9 +357,10 @@ def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     wavelet low band, ~20x faster than a full decode. We take the largest r whose long side is
     still >= reduce_to (never below the model size). Returns the stored values, or None (caller
     does the full decode) for anything unusual: colour, signed, tag/codestream mismatch, a 9/7
-    (lossy) wavelet, or a Pillow failure. The low band's pixel n sits at original pixel 2^r n, and
-    it was made by the 5/3 low-pass, not an area average: resample_reduced takes both into account
-    when it brings it to a model's working size."""
+    (lossy) wavelet, several tiles, or a decoder failure. The result is wavelet_low_band of the full
+    decode, clipped (tested bit for bit). Its pixel n sits at original pixel 2^r n, and it was made
+    by the 5/3 low-pass, not an area average: resample_reduced takes both into account when it
+    brings it to a model's working size."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
         return None
@@ -269,25 +369,20 @@ def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     head = _j2k_header(codestream)
     if (head is None or head["levels"] is None or head["components"] != 1 or head["signed"]
             or head["offset"] != (0, 0) or (head["height"], head["width"]) != (rows, cols)
-            or head["precision"] > 16 or not head["reversible"]):
+            or head["precision"] > 16 or not head["reversible"] or head["tiled"]):
         return None
-    level = 0
-    while level < head["levels"] and math.ceil(max(rows, cols) / 2 ** (level + 1)) >= reduce_to:
-        level += 1
-    for r in range(level, 0, -1):  # Pillow rejects some deep levels on odd sizes: try shallower ones
-        try:
-            with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
-                im.reduce = r
-                im.load()
-                arr = np.asarray(im)
-        except (OSError, ValueError, SyntaxError):
-            continue
-        if arr.shape != (math.ceil(rows / 2 ** r), math.ceil(cols / 2 ** r)):
-            return None
-        if im.mode.startswith("I;16"):  # Pillow scales samples of > 8 bits up to 16 bits: shift back
-            arr = arr >> (16 - head["precision"])
-        return arr
-    return None
+    level = min(low_band_level((rows, cols), reduce_to), head["levels"])
+    if level == 0:
+        return None
+    try:
+        arr, mode = _openjpeg_level(codestream, level)
+    except (OSError, ValueError, SyntaxError, AttributeError, IndexError, TypeError):
+        return None
+    if arr.shape != (math.ceil(rows / 2 ** level), math.ceil(cols / 2 ** level)):
+        return None
+    if mode.startswith("I;16"):  # Pillow scales samples of > 8 bits up to 16 bits: shift back
+        arr = arr >> (16 - head["precision"])
+    return arr
 
 
 def _voi_output_range(ds: DicomDataset) -> tuple[float, float]:
@@ -388,7 +483,8 @@ def _dicom_meta(ds: DicomDataset, rows: int, cols: int, frames: int) -> ImageMet
                      pixel_spacing=spacing, bits_stored=int(bits) if bits is not None else None, frames=frames)
 
 
-def _load_dicom(data: bytes, name: str, max_pixels: int, reduce_to: int | None) -> tuple[np.ndarray, ImageMeta]:
+def _load_dicom(data: bytes, name: str, max_pixels: int, reduce_to: int | None,
+                low_band: int | None) -> tuple[np.ndarray, ImageMeta]:
     # 1. parse (force=True also reads files without the 128-byte preamble), then verify it is an image
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -414,6 +510,7 @@ def _load_dicom(data: bytes, name: str, max_pixels: int, reduce_to: int | None) 
         raise DataError(f"{name}: a 3-D {modality or 'DICOM'} volume ({frames} frames); "
                         f"export a single 2-D radiograph")
     _check_size(rows, cols, name, max_pixels)
+    head = None
     if syntax in J2K_SYNTAXES:  # the codestream's own size must agree (a bomb could hide in it)
         try:
             head = _j2k_header(next(generate_frames(ds.PixelData, number_of_frames=frames)))
@@ -439,7 +536,11 @@ def _load_dicom(data: bytes, name: str, max_pixels: int, reduce_to: int | None) 
             ts_name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
             raise DataError(f"{name}: cannot decode the pixel data ({ts_name}: {_short(err)}); "
                             f"re-export it uncompressed or as JPEG 2000") from None
-    # 4. grayscale, display-ready
+    # 4. the wavelet low band that covers `low_band` px (DataConfig.low_band), whichever level was decoded
+    if low_band is not None and samples == 1 and arr.ndim == 2 and photometric.startswith("MONOCHROME"):
+        bits = head["precision"] if head is not None else int(ds.get("BitsStored", 8 * arr.dtype.itemsize))
+        arr = _to_low_band(arr, ds, low_band, bits)
+    # 5. grayscale, display-ready
     try:
         if photometric == "PALETTE COLOR":
             img = _minmax(_rgb_to_gray(apply_color_lut(arr, ds)), name)
@@ -488,17 +589,21 @@ def _load_raster(data: bytes, name: str, fmt: str, max_pixels: int) -> tuple[np.
     return _minmax(gray.astype(np.float32), name), meta
 
 
-def load_image(src, *, max_pixels: int = DataConfig.max_pixels,
-               reduce_to: int | None = None) -> tuple[np.ndarray, ImageMeta]:
+def load_image(src, *, max_pixels: int = DataConfig.max_pixels, reduce_to: int | None = None,
+               low_band: int | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Path or bytes (DICOM with or without extension/preamble, PNG, JPEG) -> ((H, W) float32 in
     [0, 1], display-ready, bone bright; ImageMeta). Bad input raises DataError, never a library error.
 
     reduce_to: for JPEG 2000 DICOMs, decode at the smallest resolution level whose long side is
-    still >= reduce_to (fast path, issue 11); ignored for other files."""
+    still >= reduce_to (fast path, issue 11); ignored for other files.
+    low_band: for grayscale DICOMs, the stored values are taken to the 5/3 wavelet low band whose long
+    side is still >= low_band (wavelet_low_band) before windowing, from whichever level was decoded.
+    With reduce_to = low_band the fast path then returns the same array as the full decode (issue 11).
+    ImageMeta keeps the stored size either way."""
     data, name = _read_source(src)
     fmt = sniff_format(data)
     if fmt == "dicom":
-        return _load_dicom(data, name, max_pixels, reduce_to)
+        return _load_dicom(data, name, max_pixels, reduce_to, low_band)
     if fmt in ("png", "jpeg"):
         return _load_raster(data, name, fmt, max_pixels)
     raise DataError(f"{name}: not a DICOM, PNG or JPEG image; export the radiograph as DICOM or PNG")
@@ -875,7 +980,7 @@ def split_fold(records: list[Record], fold: int, n_folds: int = DataConfig.n_fol
 # -----------------------------------------------------------------------------
 # 5. On-disk image cache and the torch Datasets
 
-CACHE_VERSION = 4  # bump when prepare_image changes so stale entries are never read
+CACHE_VERSION = 5  # bump when prepare_image changes so stale entries are never read
 FAST_DECODE_STREAM = 1  # ClassificationDataset: the decode choice's own random stream
 
 
@@ -883,7 +988,7 @@ class ImageCache:
     """Decoded -> CLAHE'd (Eq. 1) at the working side -> shrunk-to-long-side images as uint8
     (prepare_image), one .npz per image (the uint8 array `img` plus the ImageMeta as JSON in one file,
     so a write is one atomic os.replace), under root/<2 hex>/<sha1>.npz. The key hashes (absolute
-    path, file size, mtime_ns, long side, CLAHE parameters and working side, fast-decode flag,
+    path, file size, mtime_ns, long side, CLAHE parameters and working side, low-band and fast-decode flags,
     CACHE_VERSION): an edited file or a changed parameter misses. Safe for concurrent DataLoader
     workers / ranks: temp file + os.replace. root=None computes every time (inference, tests)."""
 
@@ -895,12 +1000,13 @@ class ImageCache:
     def key(self, path: Path, long_side: int) -> str:
         st = path.stat()
         parts = (str(path.resolve()), st.st_size, st.st_mtime_ns, long_side, self.clahe, self.hyp.clahe_clip,
-                 self.hyp.clahe_tiles, self.hyp.clahe_side, self.fast_decode, CACHE_VERSION)
+                 self.hyp.clahe_tiles, self.hyp.clahe_side, self.hyp.low_band, self.fast_decode, CACHE_VERSION)
         return hashlib.sha1(repr(parts).encode()).hexdigest()
 
     def compute(self, path: Path, long_side: int) -> tuple[np.ndarray, ImageMeta]:
         side = working_side(long_side, self.hyp.clahe_side if self.clahe else None)
-        img, meta = load_image(path, max_pixels=self.hyp.max_pixels, reduce_to=side if self.fast_decode else None)
+        img, meta = load_image(path, max_pixels=self.hyp.max_pixels, reduce_to=side if self.fast_decode else None,
+                               low_band=side if self.hyp.low_band else None)
         return prepare_image(img, long_side, clahe=self.clahe, clip_limit=self.hyp.clahe_clip,
                              tile_grid=self.hyp.clahe_tiles, clahe_side=self.hyp.clahe_side,
                              full_hw=(meta.height, meta.width)), meta

@@ -3,8 +3,10 @@
 For one radiograph x (DICOM with or without extension, PNG or JPEG), Algorithm 1's Phase III:
 
     1. decode and window x (data.load_image); a JPEG 2000 DICOM may be decoded at a reduced resolution
-       level, never below the largest CLAHE working side, and resampled to it with the full path's blur
-       (data.resample_reduced; issue 11, --fast-decode),
+       level, never below the largest CLAHE working side (issue 11, --fast-decode). Models trained on
+       the 5/3 wavelet low band (data.wavelet_low_band, the default since issue 11) get the same low
+       band from either decode; older ones get the reduced decode resampled with the full path's blur
+       (data.resample_reduced), an approximation,
     2. S = sum_m omega_m P_m(x)  with DenseNet121, EfficientNetV2-S, ResNet50      (Eq. 2, line 16)
     3. if S > tau_optimal:                                                         (line 17)
            B = NMS(YOLO11(x), IoU 0.5), boxes mapped back to ORIGINAL pixels       (lines 18-19)
@@ -462,6 +464,11 @@ def working_params(preprocess: Mapping) -> dict:
             "clahe_side": preprocess.get("clahe_side")}
 
 
+def trained_on_low_band(preprocess: Mapping) -> bool:
+    """Whether a checkpoint's images went through data.wavelet_low_band; older ones record nothing: no."""
+    return bool(preprocess.get("low_band", False))
+
+
 def working_key(size: int, params: dict) -> tuple[int, float, int]:
     """What working_image depends on for a model of input size `size`: (side, clip limit, tile grid)."""
     return working_side(size, params["clahe_side"]), params["clip_limit"], params["tile_grid"]
@@ -722,11 +729,13 @@ class Pipeline:
         self.cls_preprocess = working_params(p)
         detector, self.det_meta = load_detector(self.det_path) if self.det_path else (None, None)
         keys = [working_key(self.cls_size, self.cls_preprocess)]             # (side, clip, tiles) per model
+        low_band = [trained_on_low_band(p)]
         self.det_preprocess = None
         if self.det_meta:
             self.det_preprocess = working_params(self.det_meta["preprocess"])
             self.det_pad_value = float(self.det_meta["preprocess"]["pad_value"])
             keys.append(working_key(self.det_meta["imgsz"], self.det_preprocess))
+            low_band.append(trained_on_low_band(self.det_meta["preprocess"]))
         # one CLAHE per image when both models were trained on the same working image
         self.shared_work = len(keys) == 2 and keys[0] == keys[1]
         # 3. the backend that runs the cascade
@@ -735,8 +744,12 @@ class Pipeline:
         else:
             self.backend = OnnxBackend(*onnx_files(cfg, self), self.device)
             self.backend.check(self)
-        # 4. decode no smaller than the largest working image, on torch's threads (issue 11), then one warm-up pass
-        self.reduce_to = max(side for side, _, _ in keys) if cfg.fast_decode else None
+        # 4. decode no smaller than the largest working image, on torch's threads (issue 11), then one warm-up
+        # pass. Models trained on the wavelet low band get it from either decode (exactly the same image
+        # when they share the working side); with one older model in the pair both keep the area path.
+        side = max(side for side, _, _ in keys)
+        self.reduce_to = side if cfg.fast_decode else None
+        self.low_band = side if all(low_band) else None
         if cfg.fast_decode:
             use_jpeg2000_threads(torch.get_num_threads())
         self._warm_up()
@@ -758,6 +771,7 @@ class Pipeline:
             detector = {k: self.det_meta[k] for k in ("stage", "scale", "names", "lt_codes", "imgsz")}
             detector.update(file=str(self.det_path), version=self.versions["detector"])
         return {"ready": True, "backend": self.backend.name, "precision": self.precision,
+                "fast_decode": self.cfg.fast_decode, "low_band": self.low_band is not None,
                 "device": str(self.backend.device),
                 "dernet": {"members": list(self.dernet.members), "omega": [float(w) for w in self.dernet.omega],
                            "tau": self.tau, "image_sizes": dict(self.dernet.image_sizes), "file": str(self.cls_path),
@@ -775,8 +789,9 @@ class Pipeline:
         if name is None:
             name = str(src) if isinstance(src, (str, os.PathLike)) else "upload"
         t0 = time.perf_counter()
-        # 1. decode and window; reduced JPEG 2000 level when fast_decode (long side >= reduce_to)
-        img, meta = load_image(src, reduce_to=self.reduce_to)
+        # 1. decode and window; reduced JPEG 2000 level when fast_decode (long side >= reduce_to), the
+        #    wavelet low band that covers the working side for low-band models (either decode)
+        img, meta = load_image(src, reduce_to=self.reduce_to, low_band=self.low_band)
         return self.analyze_decoded(img, (meta.height, meta.width), name, cascade, 1e3 * (time.perf_counter() - t0))
 
     def analyze_decoded(self, img: np.ndarray, full_hw: tuple[int, int], name: str = "image",

@@ -1035,6 +1035,7 @@ class TrainConfig:
     synthetic_dir: str = "data/synthetic"  # where the demo writes its dataset once (relative to cwd)
     cache_dir: str = ".cache/images"  # decoded + CLAHE'd images (data.ImageCache)
     clahe_side: int | None = DataConfig.clahe_side  # Eq. 1 working long side; None = each input's own size
+    low_band: bool = DataConfig.low_band  # ours (issue 11): DICOMs through the 5/3 low band (data.wavelet_low_band)
     fold: int = 0  # validation fold inside the training split (model selection only)
     n_folds: int = 5  # Sec. 4.1: 5-fold stratified cross-validation
     workers: int = -1  # DataLoader processes; -1 = 0 on CPU (cached images load in ~1 ms), 8 on CUDA
@@ -1046,7 +1047,8 @@ class TrainConfig:
     member_imgsz: dict = field(default_factory=dict)  # per-member overrides {name: size} (issue 3)
     cls_augment: bool = True  # issue 3: radiograph-safe augmentation (data.DataConfig); off in the short demo
     cls_fast_decode_p: float = 0.5  # ours (issue 11): P(a training image is read through inference's reduced
-    #                                 JPEG 2000 decode); validation and test always read the full decode
+    #                                 JPEG 2000 decode); validation and test always read the full decode. With
+    #                                 low_band both reads give the same image: it matters for --no-low-band
     lr: float = 1e-4  # Algorithm 1: η = 1e-4, AdamW (both phases)
     cls_weight_decay: float = 1e-2  # AdamW's own default (paper: "AdamW", no value)
     grad_clip: float = 10.0  # max gradient norm (reference detector family's value, used for both phases)
@@ -1111,8 +1113,9 @@ DEMO = {
 # --- data for a run
 
 def data_config(cfg: TrainConfig) -> DataConfig:
-    """data.py's settings for this run: the paper's, with the run's CLAHE working side (Eq. 1)."""
-    return replace(DataConfig(), clahe_side=cfg.clahe_side)
+    """data.py's settings for this run: the paper's, with the run's CLAHE working side (Eq. 1) and
+    low-band choice."""
+    return replace(DataConfig(), clahe_side=cfg.clahe_side, low_band=cfg.low_band)
 
 
 def dataset_root(cfg: TrainConfig, rt: Runtime) -> Path:
@@ -1389,7 +1392,7 @@ def assemble_dernet(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Pa
         members[name] = member
     sizes = member_sizes(cfg)
     preprocess = {"clahe_clip_limit": cache.hyp.clahe_clip, "clahe_tile_grid": cache.hyp.clahe_tiles,
-                  "clahe_side": cache.hyp.clahe_side}
+                  "clahe_side": cache.hyp.clahe_side, "low_band": cache.hyp.low_band}
     dernet = DERNet(members, omega=OMEGA, image_sizes=sizes, preprocess=preprocess).to(rt.device)
     val_ds = ClassificationDataset(splits.val, max(sizes.values()), cache)  # each member resizes down (Eq. 2)
     val_probs = predict_probs(dernet_prob_fn(dernet), val_ds, cfg, rt, cfg.cls_batch)  # (N, 3)
@@ -1695,7 +1698,7 @@ def detector_checkpoint(model: nn.Module, cfg: TrainConfig, seg: bool, epoch: in
             "names": list(CLASSES), "lt_codes": list(LT_CODES), "imgsz": cfg.det_imgsz,
             "strides": [8, 16, 32], "epoch": epoch, "val_map50": val.get("map50", float("nan")),
             "preprocess": {"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
-                           "clahe_side": cfg.clahe_side, "pad_value": DataConfig.pad_value}}
+                           "clahe_side": cfg.clahe_side, "low_band": cfg.low_band, "pad_value": DataConfig.pad_value}}
 
 
 def train_detector(cfg: TrainConfig, splits: Splits, cache: ImageCache, run: Path, rt: Runtime, seg: bool) -> list:
@@ -1908,6 +1911,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=d.cache_dir, help="decoded-image cache")
     g.add_argument("--clahe-side", type=int, help=f"long side CLAHE (Eq. 1) runs at before each input is shrunk "
                                                   f"(default {d.clahe_side}; demo {DEMO_CLAHE_SIDE})")
+    g.add_argument("--low-band", action=argparse.BooleanOptionalAction,
+                   help="DICOMs through the 5/3 wavelet low band before the working side, which the fast JPEG "
+                        "2000 decode returns exactly (default: on; --no-low-band: area average only)")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes (-1: 0 on CPU, 8 on CUDA)")
     g.add_argument("--train-images", type=int, help="use a seeded subset of whole studies, about this many images "
                                                     "of the training split (default: all; detection demo: 400)")
@@ -1959,7 +1965,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = run / "config.json"
         if not saved.is_file():
             raise CheckpointError(f"{run}: not a run folder (no config.json) to resume")
-        older = {"clahe_side": None, "cls_fast_decode_p": 0.0}  # older runs: CLAHE at input size, full decode only
+        older = {"clahe_side": None, "cls_fast_decode_p": 0.0,   # older runs: CLAHE at input size, full decode
+                 "low_band": False}                                # only, area average only
         cfg = TrainConfig(**{**older, **json.loads(saved.read_text())})
         return replace(cfg, resume=str(run), device=args.device, workers=args.workers, progress=not args.no_progress)
     cfg = TrainConfig(stage=args.stage)
@@ -1973,6 +1980,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                   if getattr(args, k) is not None})
     if args.augment is not None:
         flags["cls_augment"] = args.augment
+    if args.low_band is not None:
+        flags["low_band"] = args.low_band
     if args.member_imgsz:
         flags["member_imgsz"] = parse_member_sizes(args.member_imgsz)
     cfg = replace(cfg, **flags, data=args.data, fold=args.fold, folds_all=args.folds == "all",

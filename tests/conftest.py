@@ -30,7 +30,7 @@ def tiny_models(tmp_path_factory) -> SimpleNamespace:
     dernet = DERNet({name: Member(name) for name in MEMBERS}, tau=0.5,
                     image_sizes={name: TINY_CLS_SIZE for name in MEMBERS},
                     preprocess={"clahe_clip_limit": DataConfig.clahe_clip, "clahe_tile_grid": DataConfig.clahe_tiles,
-                                "clahe_side": TINY_CLAHE_SIDE})
+                                "clahe_side": TINY_CLAHE_SIDE, "low_band": DataConfig.low_band})
     save_dernet(dernet.eval(), out / "dernet.pt")
     cfg = TrainConfig(scale="n", det_imgsz=TINY_DET_SIZE, clahe_side=TINY_CLAHE_SIDE)
     paths = {}

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import data as D
@@ -347,14 +348,18 @@ def test_threaded_reduced_decode_equals_the_one_thread_decode(tmp_path, monkeypa
     assert os.environ["OPJ_NUM_THREADS"] == "2"                    # a value already set is kept
 
 
-def test_lossy_jpeg2000_is_decoded_in_full(tmp_path, monkeypatch):
-    # the resampling assumes the 5/3 (lossless) low band: a 9/7 codestream takes the full decode
+@pytest.mark.parametrize("unusual", [{"reversible": False}, {"tiled": True}])
+def test_lossy_or_tiled_jpeg2000_is_decoded_in_full(tmp_path, monkeypatch, unusual):
+    # the resampling assumes the 5/3 (lossless) low band of one tile: a 9/7 codestream, or one whose
+    # tiles were transformed one by one, takes the full decode
     rng = np.random.default_rng(5)
     stored, window, _, _ = D.synth_radiograph(rng, (600, 500), "lateral", "lumbar", (2, 2))
     path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
     header = D._j2k_header
+    codestream = next(pydicom.encaps.generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+    assert not header(codestream)["tiled"]                        # the writer makes one tile
     assert D.load_image(path, reduce_to=200)[0].shape == (300, 250)
-    monkeypatch.setattr(D, "_j2k_header", lambda cs: {**header(cs), "reversible": False})
+    monkeypatch.setattr(D, "_j2k_header", lambda cs: {**header(cs), **unusual})
     assert D.load_image(path, reduce_to=200)[0].shape == (600, 500)
 
 
@@ -380,6 +385,71 @@ def test_reduced_decode_gives_the_full_decode_shapes(tmp_path, hw, long_side):
     assert np.abs(x_fast.astype(int) - x_full).mean() < 0.02 * 255  # the same image, up to the decode
     cached = D.ImageCache(tmp_path / "cache", fast_decode=True, hyp=D.DataConfig(clahe_side=side))
     assert cached.get(path, long_side)[0].shape == x_full.shape
+
+
+# --- the 5/3 wavelet low band: one downsampling for the full and the reduced decode (issue 11)
+
+
+def saturated_phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """12-bit stored values with 0 and 4095 areas and sharp edges, where the 5/3 low-pass overshoots
+    the sample range and a decoder clips; noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1000, 3000, (h, w)).astype(np.uint16)
+    x[: h // 5] = 0
+    x[h // 3: h // 2, w // 4: 3 * w // 4] = 4095
+    x[2 * h // 3:, : w // 2] = rng.integers(0, 4096, (h - 2 * h // 3, w // 2))
+    return x
+
+
+@pytest.mark.parametrize("hw,level", [((96, 80), 1), ((96, 80), 2), ((97, 83), 1), ((128, 64), 3)])
+def test_wavelet_low_band_equals_openjpeg_reduced_decode(tmp_path, hw, level):
+    # OpenJPEG (Pillow's JPEG 2000 decoder) at resolution level r returns the stored LL_r coefficients,
+    # clipped: our forward lifting of the full decode gives the same integers
+    stored = saturated_phantom(*hw)
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=(2048, 4096), compress=True)
+    ds = pydicom.dcmread(path)
+    codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
+        im.reduce = level
+        im.load()
+        reduced = np.asarray(im).astype(np.int64) >> 4                  # Pillow scales 12 bits to 16
+    ours = D.wavelet_low_band(ds.pixel_array, level)
+    assert ours.shape == reduced.shape == (-(-hw[0] // 2 ** level), -(-hw[1] // 2 ** level))
+    assert (ours < 0).any() and (ours > 4095).any()                     # overshoot: the clip is tested
+    np.testing.assert_array_equal(np.clip(ours, 0, 4095), reduced)
+
+
+def test_lifting_keeps_constants_and_subsamples_even_ramps():
+    assert (D.wavelet_low_band(np.full((7, 10), 9), 2) == 9).all()
+    ramp = np.tile(4 * np.arange(16), (3, 1))                           # x[n] = 4n: the high band is 0 inside
+    np.testing.assert_array_equal(D.wavelet_low_band(ramp, 1)[:, :-1], ramp[:2, 0:-2:2])
+
+
+@pytest.mark.parametrize("hw,side,level", [((3000, 2500), 640, 2), ((3000, 2500), 384, 2), ((801, 777), 384, 1),
+                                           ((766, 500), 384, 0), ((767, 500), 384, 1)])
+def test_low_band_level_and_decoded_level(hw, side, level):
+    assert D.low_band_level(hw, side) == level
+    shape = (-(-hw[0] // 2 ** level), -(-hw[1] // 2 ** level))
+    assert max(shape) >= side and D.decoded_level(shape, hw) == level
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("hw,side", [((1000, 760), 300), ((1000, 760), 200), ((771, 563), 300)])
+def test_low_band_is_the_same_image_from_either_decode(tmp_path, photometric, hw, side):
+    rng = np.random.default_rng(2)
+    stored, window, _, _ = D.synth_radiograph(rng, hw, "lateral", "lumbar", (2, 2))
+    if photometric == "MONOCHROME1":
+        stored, window = 4095 - stored, (4095 - window[0], window[1])
+    j2k = D.write_dicom(tmp_path / "j.dcm", stored, photometric=photometric, window=window, compress=True)
+    raw = D.write_dicom(tmp_path / "raw.dcm", stored, photometric=photometric, window=window)
+    full, meta = D.load_image(j2k, low_band=side)
+    fast, meta_fast = D.load_image(j2k, reduce_to=side, low_band=side)
+    level = D.low_band_level(hw, side)
+    assert level > 0 and meta_fast == meta and full.shape == (-(-hw[0] // 2 ** level), -(-hw[1] // 2 ** level))
+    np.testing.assert_array_equal(fast, full)                           # bit for bit
+    np.testing.assert_array_equal(D.load_image(raw, low_band=side)[0], full)   # uncompressed: the same lifting
+    kw = dict(clahe_side=side, full_hw=(meta.height, meta.width))
+    np.testing.assert_array_equal(D.prepare_image(fast, 96, **kw), D.prepare_image(full, 96, **kw))
 
 
 # --- preprocessing
@@ -645,7 +715,12 @@ def test_cache_hit_returns_identical_array(synth, tmp_path, monkeypatch):
     assert D.ImageCache(tmp_path / "cache", fast_decode=True).key(path, 160) != cache.key(path, 160)
     other = D.ImageCache(tmp_path / "cache", hyp=dataclasses.replace(D.DataConfig(), clahe_side=320))
     assert other.key(path, 160) != cache.key(path, 160)
-    np.testing.assert_array_equal(other.get(path, 160)[0], D.prepare_image(D.load_image(path)[0], 160, clahe_side=320))
+    img, m = D.load_image(path, low_band=320)   # the working side's wavelet low band (DataConfig.low_band)
+    np.testing.assert_array_equal(other.get(path, 160)[0],
+                                  D.prepare_image(img, 160, clahe_side=320, full_hw=(m.height, m.width)))
+    area = D.ImageCache(tmp_path / "cache", hyp=dataclasses.replace(D.DataConfig(), clahe_side=320, low_band=False))
+    assert area.key(path, 160) != other.key(path, 160)
+    np.testing.assert_array_equal(area.get(path, 160)[0], D.prepare_image(D.load_image(path)[0], 160, clahe_side=320))
 
 
 def test_cache_fast_decode_is_never_below_the_working_side(synth, monkeypatch):
@@ -673,8 +748,9 @@ def test_classification_dataset_contract(synth):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_classification_dataset_reads_the_fast_decode_with_probability_p(synth, augment):
-    # a 160-px working side: every synthetic JPEG 2000 file (640-800 px) has a reduced level for it
-    hyp = dataclasses.replace(D.DataConfig(), clahe_side=160)
+    # a 160-px working side: every synthetic JPEG 2000 file (640-800 px) has a reduced level for it; the
+    # area path (low_band=False), where the two decodes differ (with the low band they are one image)
+    hyp = dataclasses.replace(D.DataConfig(), clahe_side=160, low_band=False)
     records = [r for r in D.load_split(synth, "train")
                if pydicom.dcmread(r.path, stop_before_pixels=True).file_meta.TransferSyntaxUID in D.J2K_SYNTAXES][:4]
     cache, fast_cache = D.ImageCache(None, hyp=hyp), D.ImageCache(None, fast_decode=True, hyp=hyp)

@@ -34,7 +34,7 @@ from torchvision.ops import box_iou
 
 import infer
 from data import (CLASSES, ClassificationDataset, DataConfig, DetectionDataset, ImageCache, load_image, load_split,
-                  write_dicom)
+                  low_band_level, write_dicom)
 from dernet import ARCHS, MEMBERS, DERNet, Member, load_dernet, save_dernet
 from train import Runtime, TrainConfig, load_checkpoint, predict_detections, save_checkpoint
 from yolo11 import YOLO11, YOLO11Seg
@@ -470,15 +470,17 @@ def fake_detections(pipe, monkeypatch, box_orig, orig_hw, cls: int = 2, score: f
 
 def with_clahe_side(src: Path, dst: Path, dernet: bool, side: int | None) -> Path:
     """A copy of a checkpoint with another CLAHE working side; None: as written before clahe_side
-    existed (CLAHE at the model's input size)."""
+    existed (CLAHE at the model's input size, and no wavelet low band, which came later)."""
+    older = ("clahe_side", "low_band") if side is None else ("clahe_side",)
     if dernet:
         model = load_dernet(src)
-        model.preprocess.pop("clahe_side")
+        for key in older:
+            model.preprocess.pop(key)
         model.preprocess.update({} if side is None else {"clahe_side": side})
         save_dernet(model, dst)
         return dst
     ckpt = load_checkpoint(src)
-    preprocess = {k: v for k, v in ckpt["preprocess"].items() if k != "clahe_side"}
+    preprocess = {k: v for k, v in ckpt["preprocess"].items() if k not in older}
     return save_checkpoint({**ckpt, "preprocess": {**preprocess, **({} if side is None else {"clahe_side": side})}},
                            dst)
 
@@ -502,7 +504,8 @@ def test_clahe_once_per_working_side_and_old_checkpoints_keep_theirs(tiny_models
     record = test_records[0]
     score = pipe.analyze(record.path, cascade=False).result["score"]
     assert sorted(seen) == sorted(sides)                                  # one CLAHE per working side
-    cache = ImageCache(hyp=replace(DataConfig(), clahe_side=cls_side), fast_decode=True)
+    cache = ImageCache(hyp=replace(DataConfig(), clahe_side=cls_side, low_band=pipe.low_band is not None),
+                       fast_decode=True)
     x = ClassificationDataset([record], pipe.cls_size, cache)[0][0]
     with torch.inference_mode():
         assert score == pytest.approx(float(pipe.dernet(x[None])[0]), abs=1e-5)
@@ -516,17 +519,23 @@ def test_fast_decode_pipeline_decodes_jpeg2000_on_torch_threads(tiny_models, det
     assert os.environ["OPJ_NUM_THREADS"] == str(torch.get_num_threads())
 
 
-def test_fast_decode_keeps_the_full_decode_shapes(det_pipe, tmp_path, monkeypatch):
-    # 290 x 201 decodes at level 1 to 145 x 101 (this codestream's deepest level that Pillow takes), which
-    # alone would fit 64 px as 64 x 45; the full decode gives 64 x 44. The working image and the DERNet
-    # input's region follow the original size.
+@pytest.mark.parametrize("low_band", [True, False])
+def test_fast_decode_keeps_the_full_decode_shapes(det_pipe, tmp_path, monkeypatch, low_band):
+    # 290 x 201 decodes at level 2 to 73 x 51 (a size Pillow's own load refuses: data._openjpeg_level),
+    # which alone would fit 64 px as 64 x 45; the original gives 64 x 44. The working image and the DERNet
+    # input's region follow the original size. Low-band models get that same 73 x 51 from the full
+    # decode (bit for bit); older ones the full 290 x 201.
     rng = np.random.default_rng(0)
     dcm = write_dicom(tmp_path / "odd.dcm", rng.integers(0, 4096, (290, 201)).astype(np.uint16), compress=True)
+    assert det_pipe.low_band == det_pipe.cls_size == 64                 # the tiny models: low band, 64 px
+    monkeypatch.setattr(det_pipe, "low_band", 64 if low_band else None)
     full = det_pipe.analyze(dcm, cascade=False)
     monkeypatch.setattr(det_pipe, "reduce_to", det_pipe.cls_size)   # the fast decode of a 64-px model
     fast = det_pipe.analyze(dcm, cascade=False)
-    assert fast.image.shape == (145, 101) and full.image.shape == (290, 201)
+    assert fast.image.shape == (73, 51) and full.image.shape == ((73, 51) if low_band else (290, 201))
     assert fast.work.shape == full.work.shape == (64, 44) and fast.cls_region == full.cls_region
+    assert np.array_equal(fast.image, full.image) == low_band
+    assert (fast.result["score"] == full.result["score"]) == low_band
 
 
 def test_analyze_decoded_repeats_analyze_from_the_decoded_image(det_pipe, tmp_path, monkeypatch):
@@ -609,8 +618,8 @@ def test_segmentation_masks_equal_evaluation_in_original_pixels(seg_pipe, test_r
         assert ours.shape == (H, W)
         assert (coco_mask.frPyObjects(b["mask"], H, W)["counts"]
                 == coco_mask.encode(np.asfortranarray(ours.astype(np.uint8)))["counts"])
-    rgb = seg_pipe.render(analysis)
-    assert rgb.shape == (H, W, 3)
+    rgb = seg_pipe.render(analysis)        # drawn on the decoded image: the low band of the working side here
+    assert rgb.shape == analysis.image.shape + (3,) and max(rgb.shape) >= seg_pipe.det_meta["imgsz"]
 
 
 # --- command line: JSON schema, summary, --study, bad files, no checkpoint, explanations
@@ -727,7 +736,9 @@ def test_explanations_from_the_cli(tiny_models, detectors, det_pipe, test_record
     expected = {f"{stem}.png", f"{stem}_gradcam.png", f"{stem}_lime.png", *(f"{stem}_gradcam_{m}.png" for m in MEMBERS)}
     assert {p.name for p in (tmp_path / "out").iterdir()} == expected
     annotated = cv2.imread(str(tmp_path / "out" / f"{stem}.png"))
-    assert annotated.shape[:2] == tuple(r["image_size"])   # full decode: original size
+    H, W = r["image_size"]                                 # drawn on the decode: for these low-band models the
+    level = low_band_level((H, W), det_pipe.low_band)      # working side's low band, whichever decode
+    assert annotated.shape[:2] == (-(-H // 2 ** level), -(-W // 2 ** level))
     decode = lambda b64: cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_UNCHANGED)
     for method in ("gradcam", "lime"):
         e = r["explanations"][method]
@@ -744,8 +755,9 @@ def test_explanations_from_the_cli(tiny_models, detectors, det_pipe, test_record
 
 def test_health(det_pipe, seg_pipe):
     h = det_pipe.health()
-    assert set(h) == {"ready", "backend", "precision", "device", "dernet", "detector"}
+    assert set(h) == {"ready", "backend", "precision", "fast_decode", "low_band", "device", "dernet", "detector"}
     assert (h["ready"], h["backend"], h["precision"], h["device"]) == (True, "torch", "fp32", "cpu")
+    assert h["low_band"] is True and h["fast_decode"] == det_pipe.cfg.fast_decode
     assert h["dernet"]["members"] == list(MEMBERS) and h["dernet"]["omega"] == pytest.approx([0.42, 0.32, 0.26])
     assert set(h["dernet"]) == {"members", "omega", "tau", "image_sizes", "file", "version"}
     assert set(h["detector"]) == {"stage", "scale", "names", "lt_codes", "imgsz", "file", "version"}
@@ -784,7 +796,15 @@ def test_bf16_and_fast_decode_stay_close_to_fp32_full_decode(tiny_models, detect
     H, W = reference["image_size"]
     assert det_pipe.cls_size <= max(fast.image.shape) < max(H, W)   # a reduced level, never below the model
     assert fast.scale == pytest.approx(fast.image.shape[1] / W) and fast.result["image_size"] == [H, W]
-    assert abs(fast.result["score"] - reference["score"]) < 0.01           # issue 11's accuracy guard
+    # low-band models (DataConfig.low_band, these): the fast decode is the reference image, bit for bit
+    assert det_pipe.low_band is not None
+    assert fast.result["score"] == reference["score"] and fast.result["boxes"] == reference["boxes"]
+    monkeypatch.setattr(det_pipe, "low_band", None)                         # older models: the area path, where
+    area_fast = det_pipe.analyze(path, cascade=False).result                # the fast decode approximates
+    monkeypatch.setattr(det_pipe, "reduce_to", None)
+    area = det_pipe.analyze(path, cascade=False).result
+    assert area_fast["score"] != area["score"] and abs(area_fast["score"] - area["score"]) < 0.01   # issue 11
+    monkeypatch.undo()
     bf16 = make_pipe(tiny_models, detectors["det"], precision="bf16")
     r = bf16.analyze(path, cascade=False).result
     assert r["precision"] == "bf16" and abs(r["score"] - reference["score"]) < 0.02

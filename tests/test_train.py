@@ -520,10 +520,16 @@ def test_demo_settings_and_flags(tmp_path):
         _config("--stage", "cls", "--clahe-side", "8")
     old = tmp_path / "old_run"   # a run folder from before clahe_side: resumed with CLAHE at the input size
     old.mkdir()
-    saved = {k: v for k, v in dataclasses.asdict(demo).items() if k not in ("clahe_side", "cls_fast_decode_p")}
+    saved = {k: v for k, v in dataclasses.asdict(demo).items()
+             if k not in ("clahe_side", "cls_fast_decode_p", "low_band")}
     (old / "config.json").write_text(json.dumps(saved))
     resumed = _config("--stage", "cls", "--resume", str(old))
-    assert resumed.clahe_side is None and resumed.cls_fast_decode_p == 0   # and the full decode only
+    assert resumed.clahe_side is None and resumed.cls_fast_decode_p == 0   # and the full decode only,
+    assert resumed.low_band is False                                       # area average only
+    # issue 11: DICOMs through the wavelet low band unless told otherwise; it reaches data.py and the checkpoints
+    assert demo.low_band is paper.low_band is train.DataConfig.low_band is True
+    assert _config("--stage", "det", "--no-low-band").low_band is False
+    assert train.data_config(_config("--stage", "det", "--no-low-band")).low_band is False
     # issue 11: members also see inference's reduced decode, half of the time unless told otherwise
     assert demo.cls_fast_decode_p == paper.cls_fast_decode_p == 0.5
     assert _config("--stage", "cls", "--fast-decode-p", "0").cls_fast_decode_p == 0
@@ -594,7 +600,8 @@ def test_cls_tiny_run_writes_every_output(synthetic_root, tmp_path):
     dernet = train.DERNet.from_checkpoint(torch.load(run / "dernet.pt", weights_only=True))
     assert dernet.tau == pytest.approx(metrics["tau"])
     assert dernet.image_sizes == {"densenet121": 32, "efficientnet_v2_s": 32, "resnet50": 40}  # per member
-    assert dernet.preprocess == {"clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "clahe_side": 96}  # what inference redoes
+    assert dernet.preprocess == {"clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "clahe_side": 96,
+                                 "low_band": True}  # what inference redoes
     assert "ResNet50 40" in report
 
 
@@ -610,7 +617,8 @@ def test_det_seg_tiny_run_writes_every_output(synthetic_root, tmp_path, stage):
     assert (run / "detections.csv").read_text().startswith("image_id,class,lt_code,score,x1,y1,x2,y2")
     report = (run / "report.md").read_text()
     assert "LT2" in report and "LT13" in report and "mAP@0.5" in report
-    assert train.load_checkpoint(run / "best.pt")["preprocess"]["clahe_side"] == 96
+    preprocess = train.load_checkpoint(run / "best.pt")["preprocess"]
+    assert preprocess["clahe_side"] == 96 and preprocess["low_band"] is True
 
 
 def _kill_after_first_epoch(argv, marker: Path) -> None:
