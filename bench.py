@@ -4,8 +4,8 @@ Every speed or memory target of the project lives here (never in the tests), nex
 measured on this machine, with a pass/MISS mark; nothing is asserted. Sub-commands, bottom-up:
 
     machine     CPU model, cores, torch threads, CPU capability, fp32 matmul GFLOP/s, CUDA device
-    decode      one 2,500 x 3,000 JPEG 2000 DICOM: full vs reduced-resolution decode (issue 11)
-                vs a data.ImageCache hit
+    decode      one 2,500 x 3,000 JPEG 2000 DICOM: full decode (and its wavelet low band) vs
+                reduced-resolution decode (issue 11) vs a data.ImageCache hit
     members     DenseNet121 / EfficientNetV2-S / ResNet50 (dernet.Member) and DERNet at 224/384/512,
                 fp32 and bf16 where native (issue 3)
     yolo        YOLO11-L forward at 640: unfused, fused, channels-last, bf16 (and precast), ONNX Runtime;
@@ -443,6 +443,11 @@ def bench_decode(cfg: BenchConfig, ws: Workspace) -> Section:
     log("decode: full")
     add("full decode (load_image)", time_calls(lambda: load_image(path), cfg.runs, cfg.warmup),
         load_image(path)[0].shape, cfg.decode_ref_s["full"])
+    size = cfg.reduce_to[0]
+    log(f"decode: full, then the wavelet low band for >= {size}")
+    add(f"full decode + wavelet low band (low_band={size})",
+        time_calls(lambda: load_image(path, low_band=size), cfg.runs, cfg.warmup),
+        load_image(path, low_band=size)[0].shape)
     for size in cfg.reduce_to:
         for threads in sorted({1, torch.get_num_threads()}):
             log(f"decode: reduced to >= {size}, {threads} OpenJPEG threads")
@@ -451,7 +456,6 @@ def bench_decode(cfg: BenchConfig, ws: Workspace) -> Section:
             shape = load_image(path, reduce_to=size)[0].shape
             add(f"reduced decode (reduce_to={size}, {threads} thread{'s' * (threads > 1)})", t, shape,
                 cfg.decode_ref_s["reduced"])
-    size = cfg.reduce_to[0]
     for fast in (False, True):
         cache = ImageCache(ws.dir / f"cache-{int(fast)}", fast_decode=fast)
         t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 What this file implements, in reading order:
   1. Image loading: DICOM (JPEG 2000 / JPEG / RLE through the pylibjpeg plugins, files without a
      preamble), PNG 8/16-bit and JPEG -> one display-ready 2-D float32 image in [0, 1], plus
-     metadata with no patient-identifying field. DICOM grayscale order: stored values -> Modality
-     LUT -> VOI LUT or first window -> MONOCHROME1 inversion -> normalise. Bad files raise DataError.
+     metadata with no patient-identifying field. DICOM grayscale order: stored values -> (the 5/3
+     wavelet low band that still covers the working side, which a reduced JPEG 2000 decode returns
+     as is: issue 11's fast decode gives the same image) -> Modality LUT -> VOI LUT or first window
+     -> MONOCHROME1 inversion -> normalise. Bad files raise DataError.
   2. Preprocessing: CLAHE (Eq. 1, clip limit 2.0, 8x8 tiles) once at a working resolution, model
      inputs shrunk from it, letterbox and box mapping.
   3. VinDr-SpineXR annotations (annotations/{train,test}.csv) -> one Record per image.

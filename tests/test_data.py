@@ -419,6 +419,25 @@ def test_wavelet_low_band_equals_openjpeg_reduced_decode(tmp_path, hw, level):
     np.testing.assert_array_equal(np.clip(ours, 0, 4095), reduced)
 
 
+@pytest.mark.parametrize("hw,level", [((290, 201), 2), ((101, 75), 2), ((83, 97), 3)])
+def test_reduced_decode_of_sizes_pillow_rounds(tmp_path, monkeypatch, hw, level):
+    # Pillow's own load sizes level r as round(size / 2^r) and fails where JPEG 2000's ceil(size / 2^r)
+    # differs; data._openjpeg_level sets the standard's size, and OpenJPEG fills it exactly
+    stored = saturated_phantom(*hw, seed=1)
+    path = D.write_dicom(tmp_path / "j.dcm", stored, window=(2048, 4096), compress=True)
+    ds = pydicom.dcmread(path)
+    codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    with pytest.raises(OSError), Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
+        im.reduce = level
+        im.load()
+    arr, mode = D._openjpeg_level(codestream, level)
+    assert mode.startswith("I;16")
+    np.testing.assert_array_equal(arr.astype(np.int64) >> 4, np.clip(D.wavelet_low_band(stored, level), 0, 4095))
+    full = D.load_image(path, low_band=max(arr.shape))[0]
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(lambda ds: pytest.fail("full decode")))
+    np.testing.assert_array_equal(D.load_image(path, reduce_to=max(arr.shape), low_band=max(arr.shape))[0], full)
+
+
 def test_lifting_keeps_constants_and_subsamples_even_ramps():
     assert (D.wavelet_low_band(np.full((7, 10), 9), 2) == 9).all()
     ramp = np.tile(4 * np.arange(16), (3, 1))                           # x[n] = 4n: the high band is 0 inside
