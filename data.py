@@ -324,7 +324,7 @@ def _to_low_band(arr: np.ndarray, ds: DicomDataset, side: int, bits: int) -> np.
     """Stored values at any resolution level -> the low band at low_band_level((H, W), side): the levels
     still missing are lifted here, then clipped to the sample range as a decoder does. Exact against
     a reduced decode at that level when `arr` is the full decode; lifting on from a shallower reduced
-    decode (a codestream with fewer levels, or one Pillow refuses) differs only where that decode
+    decode (a codestream with fewer decomposition levels than needed) differs only where that decode
     clipped an overshoot of the low-pass at a saturated edge."""
     hw = (int(ds.Rows), int(ds.Columns))
     more = low_band_level(hw, side) - decoded_level(arr.shape, hw)
@@ -359,10 +359,10 @@ def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     wavelet low band, ~20x faster than a full decode. We take the largest r whose long side is
     still >= reduce_to (never below the model size). Returns the stored values, or None (caller
     does the full decode) for anything unusual: colour, signed, tag/codestream mismatch, a 9/7
-    (lossy) wavelet, several tiles, or a decoder failure. The result is wavelet_low_band of the full
-    decode, clipped (tested bit for bit). Its pixel n sits at original pixel 2^r n, and it was made
-    by the 5/3 low-pass, not an area average: resample_reduced takes both into account when it
-    brings it to a model's working size."""
+    (lossy) wavelet or several tiles; a decoder failure raises (the caller then decodes in full).
+    The result is wavelet_low_band of the full decode, clipped (tested bit for bit). Its pixel n sits
+    at original pixel 2^r n, and it was made by the 5/3 low-pass, not an area average:
+    resample_reduced takes both into account when it brings it to a model's working size."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("PixelRepresentation", 0)) != 0:
         return None
@@ -376,10 +376,7 @@ def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     level = min(low_band_level((rows, cols), reduce_to), head["levels"])
     if level == 0:
         return None
-    try:
-        arr, mode = _openjpeg_level(codestream, level)
-    except (OSError, ValueError, SyntaxError, AttributeError, IndexError, TypeError):
-        return None
+    arr, mode = _openjpeg_level(codestream, level)   # a failure raises: the caller does the full decode
     if arr.shape != (math.ceil(rows / 2 ** level), math.ceil(cols / 2 ** level)):
         return None
     if mode.startswith("I;16"):  # Pillow scales samples of > 8 bits up to 16 bits: shift back

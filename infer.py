@@ -747,9 +747,9 @@ class Pipeline:
         # 4. decode no smaller than the largest working image, on torch's threads (issue 11), then one warm-up
         # pass. Models trained on the wavelet low band get it from either decode (exactly the same image
         # when they share the working side); with one older model in the pair both keep the area path.
-        side = max(side for side, _, _ in keys)
-        self.reduce_to = side if cfg.fast_decode else None
-        self.low_band = side if all(low_band) else None
+        largest = max(side for side, _, _ in keys)
+        self.reduce_to = largest if cfg.fast_decode else None
+        self.low_band = largest if all(low_band) else None
         if cfg.fast_decode:
             use_jpeg2000_threads(torch.get_num_threads())
         self._warm_up()
