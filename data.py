@@ -147,9 +147,9 @@ def atomic_write(path, write) -> Path:
 @dataclass(frozen=True)
 class ImageMeta:
     """What later stages need about an image; never a patient-identifying field.
-    height/width: size of the stored image (with load_image(reduce_to=...) the returned array may
-    be smaller by a power of two: scale coordinates by width / img.shape[1]; its pixel n sits at
-    original pixel 2^r n, see resample_reduced)."""
+    height/width: size of the stored image (with load_image(reduce_to=...) or low_band=... the
+    returned array may be smaller by a power of two: scale coordinates by width / img.shape[1]; its
+    pixel n sits at original pixel 2^r n, see resample_reduced)."""
     height: int
     width: int
     source: str  # "dicom" | "png" | "jpeg"
