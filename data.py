@@ -309,7 +309,7 @@ def decoded_level(shape: tuple[int, ...], hw: tuple[int, int]) -> int:
     while (math.ceil(hw[0] / 2 ** level), math.ceil(hw[1] / 2 ** level)) != tuple(shape[:2]):
         level += 1
         if 2 ** level > max(hw):
-            raise ValueError(f"{shape} is no resolution level of {hw}")
+            raise ValueError(f"a {tuple(shape)} image is no reduced JPEG 2000 decode (resolution level) of a {hw} one")
     return level
 
 
@@ -377,8 +377,6 @@ def _decode_j2k_reduced(ds: DicomDataset, reduce_to: int) -> np.ndarray | None:
     if level == 0:
         return None
     arr, mode = _openjpeg_level(codestream, level)   # a failure raises: the caller does the full decode
-    if arr.shape != (math.ceil(rows / 2 ** level), math.ceil(cols / 2 ** level)):
-        return None
     if mode.startswith("I;16"):  # Pillow scales samples of > 8 bits up to 16 bits: shift back
         arr = arr >> (16 - head["precision"])
     return arr
@@ -697,10 +695,10 @@ def resample_reduced(img: np.ndarray, full_hw: tuple[int, int], hw: tuple[int, i
          band, with Lanczos (8 taps);
       5. clip the Lanczos overshoot at edges back to [0, 1]."""
     (H, W), (h, w) = full_hw, hw
-    level = round(math.log2(max(H, W) / max(img.shape)))                               # 1.
-    k = 2 ** level
-    if level < 1 or img.shape != (math.ceil(H / k), math.ceil(W / k)):
+    level = decoded_level(img.shape, full_hw)                                         # 1.
+    if level < 1:
         raise ValueError(f"a {img.shape} image is no reduced JPEG 2000 decode of a {(H, W)} one")
+    k = 2 ** level
     fy, fx = H / h, W / w                                                              # original px per working px
     vy, vx = ((f * f / 12 - low_band_variance(level)) / k ** 2 for f in (fy, fx))      # 2.
     smooth = cv2.sepFilter2D(img, -1, smoothing_kernel(vx), smoothing_kernel(vy),      # 3.

@@ -53,6 +53,30 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def saturated_phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """12-bit stored values with 0 and 4095 areas and sharp edges, where the 5/3 low-pass overshoots
+    the sample range and a decoder clips; noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1000, 3000, (h, w)).astype(np.uint16)
+    x[: h // 5] = 0
+    x[h // 3: h // 2, w // 4: 3 * w // 4] = 4095
+    x[2 * h // 3:, : w // 2] = rng.integers(0, 4096, (h - 2 * h // 3, w // 2))
+    return x
+
+
+def j2k_codestream(path: Path) -> bytes:
+    """The first frame's raw JPEG 2000 codestream of a DICOM."""
+    return next(pydicom.encaps.generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+
+
+def pillow_reduced(codestream: bytes, level: int) -> np.ndarray:
+    """Pillow's own reduced decode (Jpeg2KImageFile.load), 12-bit samples shifted back from 16."""
+    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
+        im.reduce = level
+        im.load()
+        return np.asarray(im).astype(np.int64) >> 4
+
+
 # --- sniffing and metadata
 
 
@@ -356,8 +380,7 @@ def test_lossy_or_tiled_jpeg2000_is_decoded_in_full(tmp_path, monkeypatch, unusu
     stored, window, _, _ = D.synth_radiograph(rng, (600, 500), "lateral", "lumbar", (2, 2))
     path = D.write_dicom(tmp_path / "j.dcm", stored, window=window, compress=True)
     header = D._j2k_header
-    codestream = next(pydicom.encaps.generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
-    assert not header(codestream)["tiled"]                        # the writer makes one tile
+    assert not header(j2k_codestream(path))["tiled"]                        # the writer makes one tile
     assert D.load_image(path, reduce_to=200)[0].shape == (300, 250)
     monkeypatch.setattr(D, "_j2k_header", lambda cs: {**header(cs), **unusual})
     assert D.load_image(path, reduce_to=200)[0].shape == (600, 500)
@@ -390,30 +413,14 @@ def test_reduced_decode_gives_the_full_decode_shapes(tmp_path, hw, long_side):
 # --- the 5/3 wavelet low band: one downsampling for the full and the reduced decode (issue 11)
 
 
-def saturated_phantom(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """12-bit stored values with 0 and 4095 areas and sharp edges, where the 5/3 low-pass overshoots
-    the sample range and a decoder clips; noise elsewhere."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(1000, 3000, (h, w)).astype(np.uint16)
-    x[: h // 5] = 0
-    x[h // 3: h // 2, w // 4: 3 * w // 4] = 4095
-    x[2 * h // 3:, : w // 2] = rng.integers(0, 4096, (h - 2 * h // 3, w // 2))
-    return x
-
-
 @pytest.mark.parametrize("hw,level", [((96, 80), 1), ((96, 80), 2), ((97, 83), 1), ((128, 64), 3)])
 def test_wavelet_low_band_equals_openjpeg_reduced_decode(tmp_path, hw, level):
     # OpenJPEG (Pillow's JPEG 2000 decoder) at resolution level r returns the stored LL_r coefficients,
     # clipped: our forward lifting of the full decode gives the same integers
     stored = saturated_phantom(*hw)
     path = D.write_dicom(tmp_path / "j.dcm", stored, window=(2048, 4096), compress=True)
-    ds = pydicom.dcmread(path)
-    codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
-    with Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
-        im.reduce = level
-        im.load()
-        reduced = np.asarray(im).astype(np.int64) >> 4                  # Pillow scales 12 bits to 16
-    ours = D.wavelet_low_band(ds.pixel_array, level)
+    reduced = pillow_reduced(j2k_codestream(path), level)
+    ours = D.wavelet_low_band(pydicom.dcmread(path).pixel_array, level)
     assert ours.shape == reduced.shape == (-(-hw[0] // 2 ** level), -(-hw[1] // 2 ** level))
     assert (ours < 0).any() and (ours > 4095).any()                     # overshoot: the clip is tested
     np.testing.assert_array_equal(np.clip(ours, 0, 4095), reduced)
@@ -425,11 +432,9 @@ def test_reduced_decode_of_sizes_pillow_rounds(tmp_path, monkeypatch, hw, level)
     # differs; data._openjpeg_level sets the standard's size, and OpenJPEG fills it exactly
     stored = saturated_phantom(*hw, seed=1)
     path = D.write_dicom(tmp_path / "j.dcm", stored, window=(2048, 4096), compress=True)
-    ds = pydicom.dcmread(path)
-    codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
-    with pytest.raises(OSError), Image.open(io.BytesIO(codestream), formats=["JPEG2000"]) as im:
-        im.reduce = level
-        im.load()
+    codestream = j2k_codestream(path)
+    with pytest.raises(OSError):
+        pillow_reduced(codestream, level)
     arr, mode = D._openjpeg_level(codestream, level)
     assert mode.startswith("I;16")
     np.testing.assert_array_equal(arr.astype(np.int64) >> 4, np.clip(D.wavelet_low_band(stored, level), 0, 4095))
